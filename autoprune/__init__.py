@@ -1,0 +1,14 @@
+"""autoprune: token reduction for timm Vision Transformers, and the search that configures it.
+
+    import timm, autoprune
+    cfg = autoprune.PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7)
+    model = autoprune.apply(timm.create_model("deit_small_patch16_224"), cfg)
+    autoprune.count_flops(model), autoprune.predict_flops(model, cfg)
+"""
+
+from .config import ConfigError, PruneConfig
+from .flops import count_flops, predict_flops
+from .patch import apply, remove
+
+__all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "predict_flops", "remove"]
+__version__ = "0.1.0"

@@ -1,0 +1,199 @@
+"""The one place that knows timm: turns a `VisionTransformer` into a token-reduced one.
+
+`apply` swaps the class of each reducing block to `ReducingBlock` (adding a `TokenReducer`
+submodule with no parameters) and the model's class to a `Reduced...` subclass whose
+`forward_features` threads `Tokens` through the blocks. Blocks that do not reduce run timm's own
+forward (fused attention), given the key bias that merges or padding call for. The state dict
+is unchanged, so weights load into either form.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from . import reducers
+from .config import ConfigError, PruneConfig
+from .reducers import Tokens
+from .schedule import bat_counts, keep_count, merge_count
+
+
+class TokenReducer(nn.Module):
+    """The reduction of one layer: scores tokens from the block's attention, then runs the pure
+    reducer. A module of its own so that its work can be told apart (e.g. by the FLOP counter)."""
+
+    def __init__(self, cfg: PruneConfig, index: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.keep_rate, self.r = cfg.amount(index)
+        self.needs_probs = cfg.score in reducers.NEEDS_PROBS
+
+    def extra_repr(self) -> str:
+        amount = f"keep_rate={self.keep_rate}" if self.keep_rate is not None else f"r={self.r}"
+        return f"{self.cfg.reducer}, {amount}" if not self.cfg.adaptive else (
+            f"sait, mass_threshold={self.cfg.mass_threshold}")
+
+    def forward(self, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor, scale: float,
+                bias: Tensor | None, probs: Tensor | None) -> Tokens:
+        cfg, n = self.cfg, tokens.count
+        if cfg.reducer == "tome":
+            return reducers.tome(tokens, k.mean(dim=1)[:, tokens.prefix:], merge_count(n, self.keep_rate, self.r))
+        scores = reducers.token_scores(cfg.score, tokens.prefix, q, k, v, scale, bias, probs)
+        if cfg.reducer == "ppt":
+            metric = k.mean(dim=1)[:, tokens.prefix:]
+            return reducers.ppt(tokens, scores, metric, merge_count(n, self.keep_rate, self.r),
+                                cfg.tau, cfg.tau_mode)
+        if cfg.adaptive:
+            return reducers.sait_mass(tokens, scores, cfg.mass_threshold)
+        keep = keep_count(n, self.keep_rate, self.r)
+        if cfg.reducer == "evit":
+            return reducers.evit(tokens, scores, keep, cfg.fuse)
+        if cfg.reducer == "tps":
+            return reducers.tps(tokens, scores, keep, cfg.temperature)
+        if cfg.reducer == "bat":
+            pairs, clusters = bat_counts(n, keep, cfg.clusters, cfg.pairs)
+            metric = k.mean(dim=1)[:, tokens.prefix:]
+            return reducers.bat(tokens, scores, metric, keep, clusters, cfg.knn, pairs)
+        return reducers.sait(tokens, scores, keep)
+
+
+def attention_parts(attn: Attention, x: Tensor, bias: Tensor | None, need_probs: bool):
+    """timm `Attention.forward` that also returns q, k, v (and the probabilities when asked).
+
+    Uses fused attention unless the probabilities are needed, then computes them explicitly once."""
+    batch, count, _ = x.shape
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    qkv = attn.qkv(x).reshape(batch, count, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    probs = None
+    if need_probs:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, count, attn.attn_dim))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), q, k, v, probs
+
+
+class ReducingBlock(Block):
+    """A timm `Block` that reduces tokens between its attention and its MLP (reducers.md)."""
+
+    reducer: TokenReducer
+
+    def forward_tokens(self, tokens: Tokens, bias: Tensor | None) -> Tokens:
+        x = tokens.x
+        y, q, k, v, probs = attention_parts(self.attn, self.norm1(x), bias, self.reducer.needs_probs)
+        tokens = self.reducer(tokens.replace(x=x + self.drop_path1(self.ls1(y))), q, k, v,
+                              self.attn.scale, bias, probs)
+        x = tokens.x
+        return tokens.replace(x=x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+
+class ReducedVisionTransformer(VisionTransformer):
+    """Mixed in front of a timm ViT class by `apply`; never instantiated directly."""
+
+    prune_config: PruneConfig
+    track_source: bool = False
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError("a token-reduced model does not take attn_mask or is_causal")
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        tokens = Tokens.start(x, self.num_prefix_tokens, self.track_source)
+        prop_attn = bool(self.prune_config.prop_attn)
+        for block in self.blocks:
+            bias = tokens.attn_bias(prop_attn)
+            if isinstance(block, ReducingBlock):
+                tokens = block.forward_tokens(tokens, bias)
+            else:
+                tokens = tokens.replace(x=block(tokens.x, attn_mask=bias))
+        self.final_tokens = tokens
+        return self.norm(tokens.x)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """timm's pooling, but averaging over the patches tokens stand for, without padding."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is not None or pool_type in ("", "token"):
+            return super().pool(x, pool_type)
+        tokens = self.final_tokens
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        x, weight = x[:, start:], tokens.size[:, start:].to(x.dtype)
+        if tokens.valid is not None:
+            weight = weight * tokens.valid[:, start:]
+        mean = (x * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True)
+        if pool_type == "avg":
+            return mean
+        masked = x if tokens.valid is None else x.masked_fill(~tokens.valid[:, start:, None], float("-inf"))
+        if pool_type == "max":
+            return masked.amax(1)
+        if pool_type == "avgmax":
+            return 0.5 * (masked.amax(1) + mean)
+        raise ValueError(f"unsupported pool type {pool_type!r}")
+
+
+_REDUCED_CLASSES: dict[type, type] = {}
+
+
+def _reduced_class(cls: type) -> type:
+    if cls not in _REDUCED_CLASSES:
+        _REDUCED_CLASSES[cls] = type(f"Reduced{cls.__name__}", (ReducedVisionTransformer, cls), {})
+    return _REDUCED_CLASSES[cls]
+
+
+def remove(model: VisionTransformer) -> VisionTransformer:
+    """Undo `apply`: the model is the plain timm model again."""
+    if isinstance(model, ReducedVisionTransformer):
+        for block in model.blocks:
+            if isinstance(block, ReducingBlock):
+                del block.reducer
+                block.__class__ = Block
+        model.__class__ = next(c for c in type(model).__mro__[1:] if c is not ReducedVisionTransformer)
+        for name in ("prune_config", "final_tokens"):
+            model.__dict__.pop(name, None)
+    return model
+
+
+def apply(model: nn.Module, cfg: PruneConfig | None) -> nn.Module:
+    """Patch a timm VisionTransformer in place with `cfg` (None or reducer none: dense) and return
+    it. Applying again replaces the previous config."""
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"apply: expected a timm VisionTransformer, got {type(model).__name__}")
+    remove(model)
+    if cfg is None or cfg.reducer == "none":
+        return model
+    if not isinstance(cfg, PruneConfig):
+        raise ConfigError(f"apply: expected a PruneConfig, got {type(cfg).__name__}")
+    layers = cfg.resolved_layers(len(model.blocks))
+    _check_model(model, cfg, layers)
+    for index, layer in enumerate(layers):
+        block = model.blocks[layer]
+        block.__class__ = ReducingBlock
+        block.reducer = TokenReducer(cfg, index)
+    model.__class__ = _reduced_class(type(model))
+    model.prune_config = cfg
+    return model
+
+
+def _check_model(model: VisionTransformer, cfg: PruneConfig, layers: tuple[int, ...]) -> None:
+    if model.attn_pool is not None:
+        raise ConfigError("apply: models with attention pooling (global_pool='map') are not supported")
+    if cfg.score in ("cls", "cls_vnorm") and model.cls_token is None:
+        raise ConfigError(
+            f"PruneConfig.score: {cfg.score!r} needs a class token and this model has none "
+            "(accepted here: tis, entropy, mean)")
+    for layer in layers:
+        block = model.blocks[layer]
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise ConfigError(
+                f"PruneConfig.layers: block {layer} is a {type(block).__name__} with "
+                f"{type(getattr(block, 'attn', None)).__name__}; only timm's Block with Attention can reduce")
