@@ -193,6 +193,24 @@ class PruneConfig:
             return value[index] if isinstance(value, tuple) else value
         return pick(self.keep_rate), pick(self.r)
 
+    def describe(self) -> str:
+        """A short human label, e.g. 'evit keep_rate=0.7 @3,6,9 fuse'."""
+        if self.reducer == "none":
+            return "dense"
+        parts = [self.reducer]
+        for name in ("keep_rate", "r", "mass_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+                parts.append(f"{name}={shown}")
+        parts.append("@all" if self.layers is None else "@" + ",".join(map(str, self.layers)))
+        defaults = REDUCER_PARAMS[self.reducer]
+        for name in _PARAM_FIELDS:
+            value = getattr(self, name)
+            if name in defaults and name != "mass_threshold" and value != defaults[name]:
+                parts.append(f"{name}={value}")
+        return " ".join(parts)
+
     # -- serialisation --------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

@@ -14,14 +14,18 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-from fvcore.nn import FlopCountAnalysis
-from fvcore.nn.jit_handles import get_shape
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .config import ConfigError, PruneConfig
 from .patch import TokenReducer
 from .schedule import block_token_counts
+
+with warnings.catch_warnings():
+    # fvcore scripts a loss function at import time, which current torch flags as deprecated
+    warnings.simplefilter("ignore", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 
 def _sdpa_flops(inputs, outputs) -> int:

@@ -1,0 +1,96 @@
+"""Throughput of dense vs reduced models, timed interleaved in one process (reducers.md protocol).
+
+A machine is noisy, so only ratios of interleaved runs are trusted: every round times each model
+once, in a rotating order, and the median round is reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import PruneConfig
+from .flops import count_flops
+from .patch import apply
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    config: PruneConfig | None
+    gflops: float
+    images_per_s: float
+    speedup: float        # measured, over the dense model
+    ideal_speedup: float  # dense FLOPs / reduced FLOPs
+
+    @property
+    def efficiency(self) -> float:
+        """Measured speedup as a share of the FLOPs ratio (the project's goal: >= 0.95)."""
+        return self.speedup / self.ideal_speedup
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, rounds: int, warmup: int,
+                     autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Median images/s of each model over `rounds` interleaved rounds, after `warmup` passes each."""
+    device = images.device
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    names = list(models)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode(), autocast:
+        for name in names:
+            for _ in range(warmup):
+                models[name](images)
+        _synchronize(device)
+        for round_index in range(rounds):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                models[name](images)
+                _synchronize(device)
+                rates[name].append(len(images) / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int = 32,
+              rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0) -> list[BenchRow]:
+    """Time the dense `model` and a reduced copy per config on random images; the first row is
+    dense. On CUDA the models run under bf16 autocast. FLOPs of adaptive configs are averaged
+    over the same images."""
+    torch.manual_seed(seed)
+    target = torch.device(device)
+    dense = apply(model, None).eval().to(target)
+    embed = dense.patch_embed
+    images = torch.randn(batch_size, embed.proj.in_channels, *embed.img_size, device=target)
+    models = {"dense": dense}
+    models.update({name: apply(copy.deepcopy(dense), cfg) for name, cfg in configs.items()})
+    flops = {name: count_flops(m, images) for name, m in models.items()}
+    rates = time_interleaved(models, images, rounds, warmup,
+                             torch.bfloat16 if target.type == "cuda" else None)
+    return [
+        BenchRow(name=name, config=configs.get(name), gflops=flops[name] / 1e9,
+                 images_per_s=rates[name], speedup=rates[name] / rates["dense"],
+                 ideal_speedup=flops["dense"] / flops[name])
+        for name in models
+    ]
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A Markdown table of benchmark rows."""
+    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
+                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""`autoprune` command line: a thin layer over the Python API. Bad input exits with code 2 and
+one line saying what was wrong and what is accepted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, PruneConfig
+
+DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
+    "evit 0.7": PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7),
+    "tome r13": PruneConfig(reducer="tome", r=13),
+    "ppt r50": PruneConfig(reducer="ppt", layers=(3, 6, 9), r=50),
+    "tps 0.7": PruneConfig(reducer="tps", layers=(3, 6, 9), keep_rate=0.7),
+    "bat 0.7": PruneConfig(reducer="bat", layers=(3, 6, 9), keep_rate=0.7, clusters=8, knn=5, pairs=8),
+    "sait M0.7": PruneConfig(reducer="sait", layers=(3,), mass_threshold=0.7),
+}
+
+
+class UsageError(Exception):
+    """Bad input on the command line: reported in one line, exit code 2."""
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """'img_size=64,patch_size=8,qk_norm=true' -> {'img_size': 64, 'patch_size': 8, 'qk_norm': True}."""
+    kwargs = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--model-kwargs: {item!r} is not KEY=VALUE (e.g. img_size=64,patch_size=8)")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    return kwargs
+
+
+def load_configs(specs: list[str]) -> dict[str, PruneConfig]:
+    """Named configs from inline JSON objects or YAML/JSON files (one config, or name -> config)."""
+    configs: dict[str, PruneConfig] = {}
+    for spec in specs:
+        if spec.lstrip().startswith("{"):
+            data, origin = _parse(spec, "inline --config"), None
+        else:
+            path = Path(spec)
+            if not path.is_file():
+                raise UsageError(f"--config: {spec!r} is neither a file nor an inline JSON object")
+            data, origin = _parse(path.read_text(), spec), spec
+        entries = {None: data} if isinstance(data, dict) and "reducer" in data else data
+        if not isinstance(entries, dict):
+            raise UsageError(f"--config {origin or spec!r}: expected a config or a mapping name -> config")
+        for name, entry in entries.items():
+            try:
+                cfg = PruneConfig.from_dict(entry)
+            except ConfigError as error:
+                where = f"{origin}: {name}: " if origin and name else f"{origin}: " if origin else ""
+                raise UsageError(f"--config {where}{error}") from None
+            configs[str(name) if name is not None else cfg.describe()] = cfg
+    return configs
+
+
+def _parse(text: str, origin: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise UsageError(f"--config {origin}: not valid YAML/JSON ({str(error).splitlines()[0]})") from None
+
+
+def _create_model(name: str, kwargs: dict):
+    import timm
+
+    if name not in timm.list_models():
+        raise UsageError(f"--model: unknown timm model {name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as error:
+        raise UsageError(f"--model-kwargs: {name} does not accept them ({error})") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import benchmark, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {args.device!r} but no CUDA device is available (use cpu)")
+    configs = load_configs(args.config) if args.config else DEFAULT_BENCH_CONFIGS
+    model = _create_model(args.model, parse_model_kwargs(args.model_kwargs))
+    try:
+        rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
+                         warmup=args.warmup, device=args.device)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    header = (f"model {args.model} {args.model_kwargs or ''}| device {args.device} "
+              f"({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
+              f"{torch.get_num_threads()} threads) | batch {args.batch_size} | fused attention | "
+              f"no torch.compile | median of {args.rounds} interleaved rounds")
+    table = format_table(rows)
+    print(header, table, sep="\n\n")
+    if args.out:
+        Path(args.out).write_text(header + "\n\n" + table + "\n")
+    if args.json:
+        print(json.dumps([{**row.__dict__, "config": row.config.to_dict() if row.config else None}
+                          for row in rows]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser(
+        "bench", help="time dense vs token-reduced models, interleaved in one process",
+        description="Time a timm ViT dense and reduced by each config (random weights and images), "
+                    "interleaved, and print img/s, speedup and the ideal speedup (FLOPs ratio).")
+    bench.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
+    bench.add_argument("--model-kwargs", help="timm create_model kwargs, e.g. img_size=64,patch_size=8")
+    bench.add_argument("--config", action="append",
+                       help="inline JSON config, or a YAML/JSON file with one config or name -> config; "
+                            "repeatable (default: the papers' DeiT-S setting of each reducer)")
+    bench.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    bench.add_argument("--rounds", type=int, default=7, help="timed rounds, median reported (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: %(default)s)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    bench.add_argument("--out", help="also write the table (Markdown) to this file")
+    bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    bench.set_defaults(run=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "rounds", "warmup", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.exit(2, f"autoprune: --{name.replace('_', '-')}: {value} is invalid; accepted: a positive integer\n")
+    try:
+        args.run(args)
+    except UsageError as error:
+        print(f"autoprune: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
