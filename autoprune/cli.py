@@ -75,8 +75,9 @@ def _create_model(name: str, kwargs: dict):
         raise UsageError(f"--model: unknown timm model {name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
     try:
         return timm.create_model(name, **kwargs)
-    except TypeError as error:
-        raise UsageError(f"--model-kwargs: {name} does not accept them ({error})") from None
+    except Exception as error:  # timm raises TypeError, ValueError or AssertionError for bad kwargs
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"--model-kwargs: {name} does not accept them ({detail})") from None
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
