@@ -28,27 +28,40 @@ class TokenReducer(nn.Module):
     def __init__(self, cfg: PruneConfig, index: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.keep_rate, self.r = cfg.amount(index)
+        self.target_keep_rate, self.target_r = cfg.amount(index)
         self.needs_probs = cfg.score in reducers.NEEDS_PROBS
+        self.strength = 1.0
 
     def extra_repr(self) -> str:
-        amount = f"keep_rate={self.keep_rate}" if self.keep_rate is not None else f"r={self.r}"
-        return f"{self.cfg.reducer}, {amount}" if not self.cfg.adaptive else (
-            f"sait, mass_threshold={self.cfg.mass_threshold}")
+        if self.cfg.adaptive:
+            amount = f"mass_threshold={self.cfg.mass_threshold}"
+        else:
+            amount = f"keep_rate={self.target_keep_rate}" if self.target_r is None else f"r={self.target_r}"
+        return f"{self.cfg.reducer}, {amount}, strength={self.strength}"
+
+    def amount(self) -> tuple[float | None, int | None, float | None]:
+        """(keep_rate, r, mass_threshold) at the current strength: 0 keeps everything, 1 is the config."""
+        s = self.strength
+        keep_rate = None if self.target_keep_rate is None else 1 - s * (1 - self.target_keep_rate)
+        r = None if self.target_r is None else round(s * self.target_r)
+        mass = None if self.cfg.mass_threshold is None else 1 - s * (1 - self.cfg.mass_threshold)
+        return keep_rate, r, mass
 
     def forward(self, tokens: Tokens, q: Tensor, k: Tensor, v: Tensor, scale: float,
                 bias: Tensor | None, probs: Tensor | None) -> Tokens:
+        if self.strength == 0:
+            return tokens
         cfg, n = self.cfg, tokens.count
+        keep_rate, r, mass = self.amount()
         if cfg.reducer == "tome":
-            return reducers.tome(tokens, k.mean(dim=1)[:, tokens.prefix:], merge_count(n, self.keep_rate, self.r))
+            return reducers.tome(tokens, k.mean(dim=1)[:, tokens.prefix:], merge_count(n, keep_rate, r))
         scores = reducers.token_scores(cfg.score, tokens.prefix, q, k, v, scale, bias, probs)
         if cfg.reducer == "ppt":
             metric = k.mean(dim=1)[:, tokens.prefix:]
-            return reducers.ppt(tokens, scores, metric, merge_count(n, self.keep_rate, self.r),
-                                cfg.tau, cfg.tau_mode)
-        if cfg.adaptive:
-            return reducers.sait_mass(tokens, scores, cfg.mass_threshold)
-        keep = keep_count(n, self.keep_rate, self.r)
+            return reducers.ppt(tokens, scores, metric, merge_count(n, keep_rate, r), cfg.tau, cfg.tau_mode)
+        if mass is not None:
+            return reducers.sait_mass(tokens, scores, mass)
+        keep = keep_count(n, keep_rate, r)
         if cfg.reducer == "evit":
             return reducers.evit(tokens, scores, keep, cfg.fuse)
         if cfg.reducer == "tps":
@@ -161,6 +174,18 @@ def remove(model: VisionTransformer) -> VisionTransformer:
         for name in ("prune_config", "final_tokens"):
             model.__dict__.pop(name, None)
     return model
+
+
+def set_strength(model: nn.Module, strength: float) -> None:
+    """Scale how much every reducing layer removes: 0 runs the model dense, 1 as configured.
+
+    Keep rates and mass thresholds move linearly from 1 to their targets, r from 0 to its target.
+    Used for keep-rate warm-up and for SaiT's dense/sparse alternate training."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"set_strength: {strength} is outside [0, 1]")
+    for module in model.modules():
+        if isinstance(module, TokenReducer):
+            module.strength = float(strength)
 
 
 def apply(model: nn.Module, cfg: PruneConfig | None) -> nn.Module:

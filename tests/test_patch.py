@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from autoprune import PruneConfig, apply, remove
-from autoprune.patch import TokenReducer
+from autoprune.patch import TokenReducer, set_strength
 from autoprune.reducers import token_scores
 from autoprune.schedule import block_token_counts
 from conftest import VARIANTS, make_model
@@ -164,3 +164,23 @@ def test_sources_track_which_patches_each_token_holds(images):
     # every patch is held by exactly one token, and a token's size is the patches it holds
     torch.testing.assert_close(body_source.sum(1), torch.ones(4, 64))
     torch.testing.assert_close(body_source.sum(2), tokens.size[:, tokens.prefix:])
+
+
+def test_strength_scales_the_reduction(images):
+    model = make_model()
+    with torch.no_grad():
+        dense = model(images)
+    apply(model, PruneConfig(reducer="evit", layers=(1, 2), keep_rate=0.5))
+    counts = {}
+    for strength in (0.0, 0.5, 1.0):
+        set_strength(model, strength)
+        with torch.no_grad():
+            out = model(images)
+        counts[strength] = model.final_tokens.x.shape[1]
+        if strength == 0.0:
+            torch.testing.assert_close(out, dense)
+    # keep rate 1 - s * (1 - 0.5): at half strength 0.75: 64 -> 48 + fused = 49 -> 37 + fused = 38;
+    # at full strength 0.5: 64 -> 32 + 1 = 33 -> 17 + 1 = 18; plus CLS
+    assert counts == {0.0: 65, 0.5: 39, 1.0: 19}
+    with pytest.raises(ValueError, match="outside"):
+        set_strength(model, 1.5)
