@@ -1,0 +1,49 @@
+"""Named starting points: the model, data and recipes a search or a trial runs with by default.
+
+`quickstart` fits a 2-core CPU: a small ViT on the built-in synthetic data, whose dense baseline
+trains in a few minutes and whose trials fine-tune in about one. `deit_small` is the papers'
+setting for machines with a GPU (timm's pretrained DeiT-S; bring your own data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .data import SyntheticOptions
+from .trial import ModelSpec
+from .train import TrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: ModelSpec
+    data: str
+    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
+    baseline: TrainConfig = field(default_factory=TrainConfig)
+    trial: TrainConfig = field(default_factory=TrainConfig)
+    device: str = "cpu"
+
+
+PRESETS: dict[str, Preset] = {
+    "quickstart": Preset(
+        model=ModelSpec("vit_tiny_patch16_224",
+                        {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4}),
+        data="synthetic",
+        synthetic=SyntheticOptions(),
+        baseline=TrainConfig(epochs=12, batch_size=64, lr=1e-3, warmup=0.05, workers=0),
+        trial=TrainConfig(epochs=1, batch_size=64, lr=2e-4, warmup=0.1, workers=0),
+    ),
+    "deit_small": Preset(
+        model=ModelSpec("deit_small_patch16_224", {}, init="pretrained"),
+        data="imagefolder:data/imagenet",
+        baseline=TrainConfig(epochs=1, batch_size=256, lr=1e-5, warmup=0.1),
+        trial=TrainConfig(epochs=5, batch_size=256, lr=5e-5, warmup=0.1, keep_rate_warmup=0.3),
+        device="cuda",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"preset {name!r} is unknown; accepted: {', '.join(PRESETS)}")
+    return PRESETS[name]

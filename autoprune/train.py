@@ -1,0 +1,321 @@
+"""Fine-tuning and evaluation of (token-reduced) ViTs: what every search trial runs.
+
+`fine_tune` trains with AdamW, a cosine schedule with warm-up, gradient clipping, bf16 autocast
+on CUDA, optional keep-rate warm-up, distillation and SaiT dense/sparse alternation; `evaluate`
+measures top-1/top-5. Both work on any model `apply` produced (or a dense one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import Tensor, nn
+
+from .data import make_loader
+from .patch import TokenReducer, set_strength
+from .reducers import cls_attention
+
+DISTILL_KINDS = ("logits", "tis", "features")
+
+
+class TrainingFailed(RuntimeError):
+    """A run that cannot go on: non-finite loss, out of memory. The message says which and where."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A fine-tuning recipe. `epochs` may be fractional (quick trials); warm-ups are fractions of
+    the whole run. `distill` picks the distillation loss (with weight `beta`; 0 disables it)."""
+
+    epochs: float = 1.0
+    batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup: float = 0.1
+    min_lr: float = 1e-6
+    clip_grad: float | None = 1.0
+    label_smoothing: float = 0.0
+    keep_rate_warmup: float = 0.0
+    distill: str = "logits"
+    beta: float = 0.0
+    distill_temperature: float = 1.0
+    sait_alternate: bool = False
+    seed: int = 0
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs > 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0, "warmup": 0 <= self.warmup < 1,
+            "min_lr": self.min_lr >= 0, "clip_grad": self.clip_grad is None or self.clip_grad > 0,
+            "label_smoothing": 0 <= self.label_smoothing < 1,
+            "keep_rate_warmup": 0 <= self.keep_rate_warmup <= 1, "beta": self.beta >= 0,
+            "distill_temperature": self.distill_temperature > 0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name}: {getattr(self, name)!r} is out of range")
+        if self.distill not in DISTILL_KINDS:
+            raise ValueError(f"TrainConfig.distill: {self.distill!r} is invalid; accepted: {', '.join(DISTILL_KINDS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field {unknown[0]!r}; accepted: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; full precision elsewhere (bf16 on CPU is slower than fp32 here)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- distillation -----------------------------------------------------------------------------------
+
+class _Capture:
+    """Forward hooks that keep what distillation needs from one forward pass."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self.handles: list = []
+
+    def hook(self, module: nn.Module, key: str, pick: Callable) -> None:
+        self.handles.append(module.register_forward_hook(
+            lambda mod, args, out: self.values.__setitem__(key, pick(mod, args, out))))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _last_block_cls_attention(teacher: nn.Module, capture: _Capture) -> None:
+    """Teacher's last-block CLS attention (head mean) from the input of its attention module."""
+    attn = teacher.blocks[-1].attn
+
+    def pick(mod, args, out):
+        x = args[0]
+        batch, count, _ = x.shape
+        qkv = mod.qkv(x).reshape(batch, count, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = mod.q_norm(qkv[0]), mod.k_norm(qkv[1])
+        return cls_attention(q, k, mod.scale, None).mean(dim=1)
+
+    capture.hook(attn, "teacher_cls_attention", pick)
+
+
+def tis_star(probs: Tensor, prefix: int) -> Tensor:
+    """SaiT's TIS*: per head, softmax over tokens of the attention column sums; then head mean."""
+    column_sums = probs.sum(dim=2)[:, :, prefix:]
+    return column_sums.softmax(dim=-1).mean(dim=1)
+
+
+def tis_distillation(student_probs: Tensor, teacher_cls: Tensor, prefix: int) -> Tensor:
+    """KL(TIS* || teacher CLS attention) over the non-prefix tokens (SaiT)."""
+    p = tis_star(student_probs, prefix)
+    q = teacher_cls[:, prefix:]
+    q = q / q.sum(dim=1, keepdim=True)
+    return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(dim=1).mean()
+
+
+def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+    """KL(teacher || student) on temperature-softened logits, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def feature_distillation(student: nn.Module, student_features: Tensor, teacher_features: Tensor) -> Tensor:
+    """MSE of the CLS token and of every retained token against the teacher's features of the
+    patches it holds (size-weighted mean over its sources), padding excluded."""
+    tokens = student.final_tokens if hasattr(student, "final_tokens") else None
+    prefix = student.num_prefix_tokens
+    cls_loss = F.mse_loss(student_features[:, :prefix], teacher_features[:, :prefix])
+    if tokens is None:  # dense student: token j is patch j
+        return cls_loss + F.mse_loss(student_features[:, prefix:], teacher_features[:, prefix:])
+    source = tokens.source[:, prefix:]
+    target = source @ teacher_features[:, prefix:].float() / tokens.size[:, prefix:, None]
+    error = (student_features[:, prefix:].float() - target).square().mean(dim=-1)
+    if tokens.valid is not None:
+        valid = tokens.valid[:, prefix:].float()
+        return cls_loss + (error * valid).sum() / valid.sum()
+    return cls_loss + error.mean()
+
+
+# -- the training loop --------------------------------------------------------------------------
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    progress: float           # epochs done, fractional
+    train_loss: float
+    metrics: dict[str, float]  # from the evaluation after the epoch (empty without a val set)
+
+
+def fine_tune(
+    model: nn.Module,
+    train_set,
+    cfg: TrainConfig,
+    teacher: nn.Module | None = None,
+    val_set=None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> list[EpochRecord]:
+    """Train `model` in place on `train_set` with recipe `cfg`; return one record per (partial) epoch.
+
+    `teacher` is needed when cfg.beta > 0. After each epoch (and at the end of a fractional one)
+    the model is evaluated on `val_set` when given and `on_epoch` receives the record; it may
+    raise to stop training (a scheduler's early stop). Raises TrainingFailed on a non-finite loss
+    or CUDA out-of-memory."""
+    device = model_device(model)
+    distilling = cfg.beta > 0
+    if distilling and teacher is None:
+        raise ValueError("fine_tune: beta > 0 needs a teacher")
+    reducing = [m for m in model.modules() if isinstance(m, TokenReducer)]
+    if distilling and cfg.distill == "tis" and not (reducing and reducing[0].needs_probs):
+        raise ValueError("fine_tune: distill='tis' needs a sait (or tis/entropy/mean-scored) student")
+    seed_everything(cfg.seed)
+    loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, device=device, seed=cfg.seed)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"fine_tune: the training set ({len(train_set)} images) is smaller than one batch ({cfg.batch_size})")
+    total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
+                                  warmup_t=round(cfg.warmup * total_steps), warmup_lr_init=cfg.lr * 1e-3,
+                                  t_in_epochs=False)
+    capture = _Capture()
+    if distilling:
+        teacher.eval()
+        if cfg.distill == "tis":
+            capture.hook(reducing[0], "student_probs", lambda mod, args, out: args[6])
+            _last_block_cls_attention(teacher, capture)
+        if cfg.distill == "features":
+            model.track_source = hasattr(model, "prune_config")
+    records: list[EpochRecord] = []
+    step, epoch = 0, 0
+    try:
+        while step < total_steps:
+            model.train()
+            losses = []
+            dense_epoch = cfg.sait_alternate and epoch % 2 == 1  # epochs 1, 3, ... (the 2nd, 4th) dense
+            for images, labels in loader:
+                if step >= total_steps:
+                    break
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                ramp = 1.0 if cfg.keep_rate_warmup == 0 else _cosine_ramp(step / (cfg.keep_rate_warmup * total_steps))
+                set_strength(model, 0.0 if dense_epoch else ramp)
+                loss = _train_step(model, teacher, capture, images, labels, cfg, optimizer, device)
+                scheduler.step_update(step + 1)
+                if not math.isfinite(loss):
+                    raise TrainingFailed(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
+                                         "lower the learning rate or check the data")
+                losses.append(loss)
+                step += 1
+            set_strength(model, 1.0)
+            record = EpochRecord(epoch=epoch + 1, progress=step / steps_per_epoch,
+                                 train_loss=float(np.mean(losses)),
+                                 metrics=evaluate(model, val_set, cfg.batch_size, cfg.workers) if val_set is not None else {})
+            records.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            epoch += 1
+    except torch.cuda.OutOfMemoryError:
+        raise TrainingFailed(f"out of memory on {device} at batch size {cfg.batch_size}") from None
+    finally:
+        capture.remove()
+        set_strength(model, 1.0)
+        if distilling and cfg.distill == "features" and hasattr(model, "track_source"):
+            model.track_source = False
+    return records
+
+
+def _cosine_ramp(progress: float) -> float:
+    """0 -> 1 over progress 0 -> 1 along a half cosine; 1 after."""
+    return 1.0 if progress >= 1 else 0.5 * (1 - math.cos(math.pi * progress))
+
+
+def _train_step(model, teacher, capture, images, labels, cfg: TrainConfig, optimizer, device) -> float:
+    with autocast_for(device):
+        if cfg.beta > 0 and cfg.distill == "features":
+            features = model.forward_features(images)
+            logits = model.forward_head(features)
+        else:
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        if cfg.beta > 0:
+            with torch.no_grad():
+                if cfg.distill == "features":
+                    teacher_features = teacher.forward_features(images)
+                else:
+                    teacher_logits = teacher(images)
+            if cfg.distill == "logits":
+                extra = logit_distillation(logits.float(), teacher_logits.float(), cfg.distill_temperature)
+            elif cfg.distill == "tis":
+                probs = capture.values.get("student_probs")
+                # a dense (alternate) epoch runs no reducer: nothing to distil into
+                extra = (tis_distillation(probs.float(), capture.values["teacher_cls_attention"].float(),
+                                          model.num_prefix_tokens)
+                         if probs is not None else logits.new_zeros(()))
+                capture.values.pop("student_probs", None)
+            else:
+                extra = feature_distillation(model, features, teacher_features)
+            loss = loss + cfg.beta * extra
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    return float(loss.detach())
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 128, workers: int | None = None) -> dict[str, float]:
+    """Top-1 (and top-5 when there are more than 5 classes) accuracy in percent, and mean loss."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    loader = make_loader(dataset, batch_size, train=False, workers=workers, device=device)
+    correct1 = correct5 = seen = 0
+    loss_sum = 0.0
+    try:
+        for images, labels in loader:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with autocast_for(device):
+                logits = model(images).float()
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            correct1 += int((top[:, 0] == labels).sum())
+            correct5 += int((top == labels[:, None]).any(dim=1).sum())
+            seen += len(labels)
+    finally:
+        model.train(was_training)
+    metrics = {"top1": 100.0 * correct1 / seen, "loss": loss_sum / seen}
+    if logits.shape[1] > 5:
+        metrics["top5"] = 100.0 * correct5 / seen
+    return metrics
