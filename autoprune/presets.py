@@ -30,8 +30,8 @@ PRESETS: dict[str, Preset] = {
                         {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4}),
         data="synthetic",
         synthetic=SyntheticOptions(),
-        baseline=TrainConfig(epochs=12, batch_size=64, lr=1e-3, warmup=0.05, workers=0),
-        trial=TrainConfig(epochs=1, batch_size=64, lr=2e-4, warmup=0.1, workers=0),
+        baseline=TrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup=0.1, workers=0),
+        trial=TrainConfig(epochs=2, batch_size=64, lr=2e-4, warmup=0.1, workers=0),
     ),
     "deit_small": Preset(
         model=ModelSpec("deit_small_patch16_224", {}, init="pretrained"),
