@@ -113,11 +113,8 @@ def dense_baseline(
     folder = Path(cache_dir) / f"{spec.name}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):
-        weights, record = folder / "model.pt", folder / "baseline.json"
-        if weights.exists() and record.exists():
-            model = timm.create_model(spec.name, num_classes=datasets.num_classes, **spec.kwargs).to(device)
-            model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-            return Baseline(spec, model.eval(), json.loads(record.read_text()), folder)
+        if (folder / "baseline.json").exists():
+            return load_baseline(folder, spec, device)
         model = spec.create(datasets.num_classes).to(device)
         log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
         started = time.perf_counter()
@@ -128,9 +125,19 @@ def dense_baseline(
         metrics = measure(model, datasets, recipe.batch_size, recipe.workers)
         metrics.update(train_seconds=time.perf_counter() - started, history=[dataclasses.asdict(h) for h in history],
                        key=key, spec=dataclasses.asdict(spec), data=data, recipe=recipe.to_dict())
-        _atomic_write(weights, lambda tmp: torch.save(model.state_dict(), tmp))
-        _atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2, default=str)))
+        # weights first: a folder with baseline.json is complete
+        _atomic_write(folder / "model.pt", lambda tmp: torch.save(model.state_dict(), tmp))
+        _atomic_write(folder / "baseline.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2, default=str)))
         return Baseline(spec, model, metrics, folder)
+
+
+def load_baseline(folder: Path, spec: ModelSpec, device: str = "cpu") -> Baseline:
+    """A baseline that `dense_baseline` built earlier, read from its folder."""
+    metrics = json.loads((Path(folder) / "baseline.json").read_text())
+    state = torch.load(Path(folder) / "model.pt", map_location=device, weights_only=True)
+    model = timm.create_model(spec.name, num_classes=state["head.weight"].shape[0], **spec.kwargs).to(device)
+    model.load_state_dict(state)
+    return Baseline(spec, model.eval(), metrics, Path(folder))
 
 
 def measure(model: nn.Module, datasets: Datasets, batch_size: int, workers: int | None) -> dict[str, Any]:
@@ -182,10 +189,13 @@ def run_trial(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     flops_images: int = 256,
     throughput_rounds: int = 5,
+    save_to: Path | None = None,
 ) -> TrialResult:
     """Reduce a copy of the baseline with `prune_config`, fine-tune it, and measure it.
 
-    The teacher for distillation (train_config.beta > 0) defaults to the dense baseline."""
+    The teacher for distillation (train_config.beta > 0) defaults to the dense baseline.
+    With `save_to`, the fine-tuned weights are written there (a state dict; the config is in the
+    result)."""
     started = time.perf_counter()
     seed_everything(train_config.seed)
     model = apply(baseline.fresh_copy(), prune_config)
@@ -193,6 +203,9 @@ def run_trial(
         teacher = baseline.model
     history = fine_tune(model, datasets.train, train_config, teacher=teacher, val_set=datasets.val, on_epoch=on_epoch)
     model.eval()
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(Path(save_to), lambda tmp: torch.save(model.state_dict(), tmp))
     batch, workers = train_config.batch_size, train_config.workers
     val = history[-1].metrics if history and history[-1].metrics else evaluate(model, datasets.val, batch, workers)
     test = evaluate(model, datasets.test, batch, workers) if datasets.test is not None else None

@@ -1,0 +1,381 @@
+"""`search()`: the budget-aware search service, as a Python API (the CLI is a thin layer on it).
+
+Order matters: every input is validated before anything is trained or written; then the dense
+baseline is built (or read from its cache), the study is opened or resumed under a lease, and
+Ray Tune runs the trials proposed by `StudySearcher` until the study holds the requested number
+of finished trials.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+import timm
+import torch
+
+from ..config import PruneConfig
+from ..data import SyntheticOptions, load_datasets, model_data_config
+from ..flops import count_flops, predict_flops
+from ..patch import apply
+from ..presets import get_preset
+from ..train import TrainConfig
+from ..trial import ModelSpec, dense_baseline
+from .budget import Budget, BudgetError, format_flops, parse_budget
+from .searcher import (OBJECTIVES, OUTCOME, WARM_START, Progress, StudySearcher, finished_count,
+                       recover_interrupted)
+from .space import Candidate, SearchSpace
+from .storage import DEFAULT_STORAGE, StorageError, StudyLease, open_storage, settings_diff
+from .trainable import run_search_trial
+
+SETTINGS_ATTR = "autoprune:settings"
+WARM_STARTED_ATTR = "autoprune:warm_started"
+
+
+class SearchError(ValueError):
+    """Bad input to a search, found before anything runs; the CLI exits 2 with its message."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Everything that defines a study's results; resuming with different settings is refused.
+    Defaults are the papers' DeiT-S setting (a GPU machine); `from_preset("quickstart")` fits a CPU."""
+
+    budget: str
+    model: ModelSpec = field(default_factory=lambda: get_preset("deit_small").model)
+    data: str = "synthetic"
+    synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
+    space: str = "search_spaces/default.yaml"
+    recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").trial)
+    baseline_recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").baseline)
+    seed: int = 0
+    early_stopping: bool = False
+    device: str = "cpu"
+
+    @classmethod
+    def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
+        preset = get_preset(name)
+        return dataclasses.replace(cls(budget=budget, model=preset.model, data=preset.data, synthetic=preset.synthetic,
+                                       recipe=preset.trial, baseline_recipe=preset.baseline, device=preset.device),
+                                   **changes)
+
+    def to_record(self, space: SearchSpace) -> dict[str, Any]:
+        """JSON-ready record stored with the study (the space by content, not by file name)."""
+        record = dataclasses.asdict(self)
+        record["space"] = space.data
+        return record
+
+
+@dataclass
+class SearchResult:
+    study_name: str
+    storage: str
+    finished: int
+    front: list[optuna.trial.FrozenTrial]
+    proposals: int
+    infeasible: int
+
+
+def default_study_name(settings: SearchSettings) -> str:
+    budget = re.sub(r"[^0-9A-Za-z.]+", "", settings.budget)
+    return f"{settings.model.name}-{budget}"
+
+
+def search(
+    settings: SearchSettings,
+    trials: int = 32,
+    study_name: str | None = None,
+    storage: str = DEFAULT_STORAGE,
+    address: str | None = None,
+    cpus_per_trial: int | None = None,
+    gpus_per_trial: float = 0,
+    concurrency: int = 1,
+    retries: int = 2,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or resume) a search until the study holds `trials` finished trials."""
+    if trials < 1 or concurrency < 1 or retries < 0:
+        raise SearchError(f"trials, concurrency and retries must be positive (got {trials}, {concurrency}, {retries})")
+    study_name = study_name or default_study_name(settings)
+    budget = _parse(parse_budget, settings.budget, BudgetError)
+    space = _parse(SearchSpace.from_file, settings.space, ValueError)
+    probe = _create_probe(settings.model)
+    datasets = _parse(lambda: load_datasets(settings.data, model_data_config(probe), synthetic=settings.synthetic),
+                      None, ValueError)
+    optuna_storage = _parse(open_storage, storage, StorageError)
+    record = settings.to_record(space)
+    existing = _find_study(optuna_storage, study_name)
+    if existing is not None:
+        differences = settings_diff(existing.user_attrs.get(SETTINGS_ATTR, {}), _jsonable(record))
+        if differences:
+            raise SearchError(f"study {study_name!r} was created with other settings; refusing to resume: "
+                              + "; ".join(differences))
+    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
+    dense_flops = predict_flops(probe)
+    budget_flops = budget.resolve(dense_flops)
+    floor = cheapest_flops(space, probe)
+    if budget_flops < floor:
+        raise SearchError(f"--budget: {budget} is below the cheapest config the search space can express "
+                          f"({format_flops(floor)}); accepted: at least {format_flops(floor)}")
+    log(f"study {study_name!r} in {storage}: {trials} trials, budget {format_flops(budget_flops)} "
+        f"({budget_flops / dense_flops:.0%} of dense {format_flops(dense_flops)}), space {settings.space}")
+    if budget_flops >= dense_flops:
+        log(f"the budget is at or above the dense model's {format_flops(dense_flops)}: searching for speed within it")
+
+    device = settings.device
+    baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe, settings.synthetic,
+                              device=device, log=log)
+    log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, {format_flops(baseline.metrics['flops'])}, "
+        f"{baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
+
+    study = optuna.create_study(storage=optuna_storage, study_name=study_name, directions=["maximize", "maximize"],
+                                load_if_exists=True)
+    with StudyLease(optuna_storage, study._study_id):
+        if existing is None:
+            study.set_metric_names(list(OBJECTIVES))
+            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
+        recovered = recover_interrupted(study)
+        if recovered:
+            log(f"resuming: trials {recovered} were interrupted; marked FAIL and queued to run again")
+        calibration = _Calibration(baseline.model, datasets.val, settings.recipe.batch_size)
+
+        def flops_of(candidate: Candidate) -> float:
+            return calibration.flops(candidate.prune) if candidate.prune.adaptive else predict_flops(probe, candidate.prune)
+
+        if not study.user_attrs.get(WARM_STARTED_ATTR):
+            enqueued = enqueue_warm_starts(study, space, probe, budget_flops, flops_of)
+            study.set_user_attr(WARM_STARTED_ATTR, True)
+            log(f"warm start: {', '.join(enqueued) or 'no hand-designed config fits the budget'}")
+        done = finished_count(study)
+        if done >= trials:
+            log(f"the study already holds {done} finished trials")
+        else:
+            study.sampler = optuna.samplers.TPESampler(
+                multivariate=True, group=True, constant_liar=True, seed=settings.seed + len(study.trials),
+                n_startup_trials=min(10, max(4, trials // 4)))
+            searcher = StudySearcher(
+                study, space, depth, patches, budget_flops, flops_of,
+                train_config=lambda c, number: dataclasses.replace(
+                    settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
+                target=trials, progress=Progress(total=trials, done_before=done, write=log))
+            _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
+                     concurrency, retries)
+            if searcher.proposed:
+                log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
+                    f"({searcher.infeasible / searcher.proposed:.0%})")
+        front = pareto_front(study)
+        log(format_front(front, baseline.metrics))
+        log(f"study {study_name!r} lives in {storage}")
+        infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)
+        return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
+
+
+def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete, within-budget trials not dominated in (accuracy, throughput), by accuracy."""
+    return sorted(study.best_trials, key=lambda t: -t.values[0])
+
+
+def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -> str:
+    lines = ["Pareto front (accuracy vs throughput, within budget):",
+             f"{'trial':>5}  {'config':<44} {'top-1':>7} {'GFLOPs':>7} {'img/s':>8} {'speedup':>7}",
+             f"{'dense':>5}  {'':<44} {dense['val']['top1']:>6.2f}% {dense['flops'] / 1e9:>7.3f} "
+             f"{dense['throughput']:>8.0f} {'1.00x':>7}"]
+    for trial in front:
+        attrs = trial.user_attrs
+        label = PruneConfig.from_dict(attrs["prune_config"]).describe()
+        if attrs.get(WARM_START):
+            label += f" [{attrs[WARM_START]}]"
+        lines.append(f"{trial.number:>5}  {label[:44]:<44} {trial.values[0]:>6.2f}% {attrs['flops'] / 1e9:>7.3f} "
+                     f"{trial.values[1]:>8.0f} {attrs['speedup']:>6.2f}x")
+    if not front:
+        lines.append("  (no finished trial within budget yet)")
+    return "\n".join(lines)
+
+
+# -- budget geometry ----------------------------------------------------------------------------------
+
+def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
+    """A lower bound on what the space can reach: each reducer at its most aggressive settings."""
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    floor = predict_flops(model)
+    for candidate in _extremes(space, depth, patches):
+        floor = min(floor, predict_flops(model, candidate.prune))
+    return floor
+
+
+def _extremes(space: SearchSpace, depth: int, patches: int):
+    """Candidates at the low end of every range (earliest layers, lowest keep rates, most r)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for reducer in space.reducer_choices:
+        trial = _ExtremeTrial(reducer)
+        try:
+            candidate = space.sample(trial, depth, patches)
+        except ValueError:
+            continue
+        if not candidate.prune.adaptive:
+            yield candidate
+
+
+class _ExtremeTrial:
+    """Answers suggestions with the cheapest end of each range."""
+
+    CHEAP_HIGH = ("layers", "tome.r", "bat.pairs")  # more of these is cheaper
+
+    def __init__(self, reducer: str) -> None:
+        self.reducer = reducer
+
+    def suggest_float(self, name, low, high, log=False):
+        if name.startswith("ppt.r_") or name in self.CHEAP_HIGH:
+            return high
+        return low
+
+    def suggest_int(self, name, low, high):
+        return high if name in self.CHEAP_HIGH else low
+
+    def suggest_categorical(self, name, choices):
+        if name == "reducer":
+            return self.reducer
+        if name == "sait.mode":
+            return "value" if "value" in choices else choices[0]
+        if name == "evit.fuse":
+            return False if False in choices else choices[0]
+        return choices[0]
+
+
+WARM_START_LAYERS = (0.25, 0.25)  # EViT's blocks 4/7/10 of 12: first 3/12, spacing 3/12
+
+
+def warm_start_candidates(model: torch.nn.Module, budget: float, flops_of: Callable[[Candidate], float]) -> dict[str, Candidate]:
+    """The hand-designed configs of the papers, scaled to the model, that fit the budget."""
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    layers = tuple(sorted({min(depth - 1, round(depth * 0.25 * k)) for k in (1, 2, 3)}))
+    sait_layer = (min(depth - 1, round(depth * 0.25)),)
+    found: dict[str, Candidate] = {}
+
+    def first_fitting(name: str, options):
+        for label, cfg in options:
+            candidate = Candidate(cfg)
+            if flops_of(candidate) <= budget:
+                found[f"{name} {label}"] = candidate
+                return
+
+    rates = (0.9, 0.8, 0.7, 0.6, 0.5)
+    first_fitting("evit", [(f"{rate}", PruneConfig(reducer="evit", layers=layers, keep_rate=rate)) for rate in rates])
+    first_fitting("tome", [(f"r{r}", PruneConfig(reducer="tome", r=r)) for r in range(1, patches // 2 + 1)])
+    ppt_r = max(1, round(50 / 196 * patches))  # the paper's r = 50 of 196 patches
+    first_fitting("ppt", [(f"r{r}", PruneConfig(reducer="ppt", layers=layers, r=r, tau=7e-5 * 196 ** 2, tau_mode="cv2"))
+                          for r in range(ppt_r, patches // 2 + 1)])
+    first_fitting("tps", [(f"{rate}", PruneConfig(reducer="tps", layers=layers, keep_rate=rate)) for rate in rates])
+    first_fitting("sait", [(f"M{mass}", PruneConfig(reducer="sait", layers=sait_layer, mass_threshold=mass))
+                           for mass in (0.9, 0.8, 0.7, 0.6, 0.5)])
+    return found
+
+
+def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, model: torch.nn.Module, budget: float,
+                        flops_of: Callable[[Candidate], float]) -> list[str]:
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    enqueued = []
+    for name, candidate in warm_start_candidates(model, budget, flops_of).items():
+        params = space.params_for(candidate, depth, patches)
+        if params is not None:
+            study.enqueue_trial(params, user_attrs={WARM_START: name}, skip_if_exists=True)
+            enqueued.append(name)
+    return enqueued
+
+
+class _Calibration:
+    """FLOPs of adaptive configs, measured on a batch of val images with the trained baseline."""
+
+    def __init__(self, model: torch.nn.Module, dataset, count: int) -> None:
+        self.model = copy.deepcopy(model).eval()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=min(count, len(dataset)))
+        self.images = next(iter(loader))[0].to(next(model.parameters()).device)
+        self.cache: dict[str, float] = {}
+
+    def flops(self, cfg: PruneConfig) -> float:
+        key = cfg.to_json()
+        if key not in self.cache:
+            self.cache[key] = count_flops(apply(self.model, cfg), self.images)
+        return self.cache[key]
+
+
+# -- Ray -------------------------------------------------------------------------------------------
+
+def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_name: str, storage: str,
+             address: str | None, cpus_per_trial: int | None, gpus_per_trial: float, concurrency: int,
+             retries: int) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                 configure_logging=True)
+    try:
+        cpus = cpus_per_trial or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)) // concurrency)
+        home = (Path("studies") / study_name).resolve()
+        context = {
+            "model": dataclasses.asdict(settings.model), "data": settings.data,
+            "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
+            "device": settings.device, "threads": cpus, "checkpoints": str(home / "checkpoints"),
+        }
+        trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context),
+                                        {"cpu": cpus, "gpu": gpus_per_trial})
+        scheduler = None
+        if settings.early_stopping:
+            # stop_last_trials=False: a trial that reaches its last epoch must still report its final result
+            scheduler = ASHAScheduler(time_attr="epoch", metric="accuracy", mode="max", stop_last_trials=False,
+                                      max_t=max(1, int(settings.recipe.epochs)), grace_period=1, reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
+                                        max_concurrent_trials=concurrency, reuse_actors=True),
+            run_config=tune.RunConfig(name=f"run-{os.getpid()}", storage_path=str(home / "ray"), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=retries)),
+        )
+        tuner.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# -- input checks ----------------------------------------------------------------------------------
+
+def _parse(function, argument, errors):
+    try:
+        return function(argument) if argument is not None else function()
+    except (errors or ValueError) as error:
+        raise SearchError(str(error)) from None
+
+
+def _create_probe(spec: ModelSpec) -> torch.nn.Module:
+    """The model without weights, to check name and kwargs and read its shape before training."""
+    if not timm.is_model(spec.name):
+        raise SearchError(f"--model: unknown timm model {spec.name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
+    try:
+        model = timm.create_model(spec.name, **spec.kwargs)
+    except Exception as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise SearchError(f"--model-kwargs: {spec.name} does not accept {spec.kwargs} ({detail})") from None
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise SearchError(f"--model: {spec.name} is not a timm VisionTransformer (DeiT/ViT)")
+    return model
+
+
+def _find_study(storage, name: str):
+    try:
+        return storage.get_study_id_from_name(name) and optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+
+
+def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
+    import json
+    return json.loads(json.dumps(record, default=str))

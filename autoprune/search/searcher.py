@@ -1,0 +1,186 @@
+"""A Ray Tune searcher that drives an Optuna study by ask/tell, and the study bookkeeping.
+
+Ray's own Optuna integration gets early stops, NaN metrics, missing objectives and resumption
+wrong (search.md); this searcher owns all of it. The study is the single source of truth: every
+proposal, its outcome and its measurements live there, so a killed search resumes from it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
+
+from ..config import PruneConfig
+from .space import Candidate, SearchSpace
+from .trainable import FAILED, FINAL
+
+OBJECTIVES = ("accuracy", "throughput")
+OUTCOME = "autoprune:outcome"      # complete | failed | stopped | infeasible | interrupted
+REASON = "autoprune:reason"
+WARM_START = "autoprune:warm_start"
+FINISHED_OUTCOMES = ("complete", "failed", "stopped")
+
+
+def outcome_of(trial: optuna.trial.FrozenTrial) -> str | None:
+    return trial.user_attrs.get(OUTCOME)
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that trained to an end (complete, failed or early-stopped)."""
+    return sum(outcome_of(t) in FINISHED_OUTCOMES for t in study.get_trials(deepcopy=False))
+
+
+def recover_interrupted(study: optuna.Study) -> list[int]:
+    """Mark trials left RUNNING by a dead search FAIL (reason kept) and enqueue their params
+    again, so that they are re-run; return their numbers."""
+    recovered = []
+    storage = study._storage
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(trial._trial_id, OUTCOME, "interrupted")
+        storage.set_trial_user_attr(trial._trial_id, REASON, "the search driving this trial stopped before it finished")
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "autoprune:retry_of": trial.number})
+        recovered.append(trial.number)
+    return recovered
+
+
+@dataclass
+class Progress:
+    """Prints one line per finished trial: count, best within budget, time used and left."""
+
+    total: int
+    done_before: int
+    write: Callable[[str], None] = print
+    started: float = field(default_factory=time.perf_counter)
+    done_now: int = 0
+
+    def line(self, study: optuna.Study, trial_number: int, text: str) -> None:
+        self.done_now += 1
+        done = self.done_before + self.done_now
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done_now * max(0, self.total - done)
+        best = best_feasible(study)
+        best_text = (f"best {best.values[0]:.2f}% at {best.values[1]:.0f} img/s (trial {best.number})"
+                     if best else "no feasible result yet")
+        self.write(f"[{done}/{self.total}] trial {trial_number}: {text} | {best_text} | "
+                   f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
+
+
+def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The most accurate complete trial within budget."""
+    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if all(v <= 0 for v in t.constraints.values())]
+    return max(feasible, key=lambda t: (t.values[0], t.values[1]), default=None)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class StudySearcher(Searcher):
+    """Proposes candidates from `space` through `study`, screening them against the budget with
+    `flops_of` (no training for a config over budget), and records every outcome."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: SearchSpace,
+        depth: int,
+        patches: int,
+        budget: float,
+        flops_of: Callable[[Candidate], float],
+        train_config: Callable[[Candidate, int], dict[str, Any]],
+        target: int,
+        progress: Progress,
+        max_proposals: int = 2000,
+    ) -> None:
+        super().__init__(metric=OBJECTIVES[0], mode="max")
+        self.study, self.space = study, space
+        self.depth, self.patches, self.budget = depth, patches, budget
+        self.flops_of, self.train_config = flops_of, train_config
+        self.target, self.progress, self.max_proposals = target, progress, max_proposals
+        self.live: dict[str, optuna.Trial] = {}
+        self.proposed = self.infeasible = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True
+
+    def suggest(self, trial_id: str):
+        if finished_count(self.study) + len(self.live) >= self.target:
+            return Searcher.FINISHED if not self.live else None
+        for _ in range(self.max_proposals):
+            trial = self.study.ask()
+            candidate = self.space.sample(trial, self.depth, self.patches)
+            self.proposed += 1
+            flops = self.flops_of(candidate)
+            if flops <= self.budget:
+                break
+            self.infeasible += 1
+            trial.set_user_attr(OUTCOME, "infeasible")
+            trial.set_user_attr("prune_config", candidate.prune.to_dict())
+            trial.set_user_attr("predicted_flops", flops)
+            trial.set_constraint("flops", flops / self.budget - 1)
+            self.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            raise RuntimeError(f"no config within budget among {self.max_proposals} proposals; "
+                               "the space barely reaches the budget: raise it or widen the space")
+        trial.set_user_attr("prune_config", candidate.prune.to_dict())
+        trial.set_user_attr("predicted_flops", flops)
+        trial.set_user_attr("ray_trial_id", trial_id)
+        train_config = self.train_config(candidate, trial.number)
+        trial.set_user_attr("train_config", train_config)
+        self.live[trial_id] = trial
+        return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.live.pop(trial_id, None)
+        if trial is None:
+            return
+        label = _label(trial)
+        if error or result is None:
+            self._fail(trial, "the Ray worker running it died or raised outside the trial (see the Ray logs)")
+            self.progress.line(self.study, trial.number, f"{label} FAILED (worker error)")
+            return
+        if result.get(FAILED):
+            self._fail(trial, result[FAILED])
+            self.progress.line(self.study, trial.number, f"{label} FAILED: {result[FAILED]}")
+            return
+        if not result.get(FINAL):
+            trial.set_user_attr(OUTCOME, "stopped")
+            trial.set_user_attr(REASON, f"stopped early after epoch {result.get('epoch', '?')} "
+                                        f"(accuracy {result.get('accuracy', float('nan')):.2f}%)")
+            self.study.tell(trial, state=TrialState.PRUNED)
+            self.progress.line(self.study, trial.number, f"{label} stopped early")
+            return
+        values = [result.get(name) for name in OBJECTIVES]
+        if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
+            self._fail(trial, f"non-finite or missing objectives: accuracy={values[0]}, throughput={values[1]}")
+            self.progress.line(self.study, trial.number, f"{label} FAILED (bad metrics)")
+            return
+        for key in ("flops", "flops_std", "params", "throughput", "dense_throughput", "speedup", "accuracy",
+                    "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds"):
+            trial.set_user_attr(key, result.get(key))
+        trial.set_user_attr(OUTCOME, "complete")
+        trial.set_constraint("flops", result["flops"] / self.budget - 1)
+        self.study.tell(trial, values)
+        self.progress.line(self.study, trial.number,
+                           f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {result['speedup']:.2f}x")
+
+    def _fail(self, trial: optuna.Trial, reason: str) -> None:
+        trial.set_user_attr(OUTCOME, "failed")
+        trial.set_user_attr(REASON, reason)
+        self.study.tell(trial, state=TrialState.FAIL)
+
+
+def _label(trial) -> str:
+    """A trial's config as a short label for progress lines."""
+    return PruneConfig.from_dict(trial.user_attrs["prune_config"]).describe()

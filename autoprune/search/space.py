@@ -1,0 +1,354 @@
+"""Search spaces: YAML files describing which reducers and parameter ranges a search may try.
+
+A space samples define-by-run from an Optuna trial into a `Candidate` (a `PruneConfig` plus the
+distillation and training settings it is fine-tuned with). Layer positions and token counts are
+relative to the model (fractions of depth and of the patch count), so one file fits any depth.
+Reducer-specific parameters are sampled only for their reducer. `params_for` inverts sampling,
+so hand-designed configs can be enqueued as trials of the same space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
+
+DISTILL_CHOICES = ("none", "logits", "features", "tis")
+
+
+class SpaceError(ValueError):
+    """An invalid search-space file: the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What one trial trains: the reduction, and how it is fine-tuned."""
+
+    prune: PruneConfig
+    distill: str = "none"      # none, logits, features, tis
+    beta: float = 0.0
+    lr: float | None = None    # None: the recipe's
+
+    def train_overrides(self) -> dict[str, Any]:
+        overrides: dict[str, Any] = {"beta": self.beta}
+        if self.distill != "none":
+            overrides["distill"] = self.distill
+        if self.lr is not None:
+            overrides["lr"] = self.lr
+        return overrides
+
+
+# -- parameter specs ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fixed:
+    value: Any
+
+    def suggest(self, trial, name: str) -> Any:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Choice:
+    values: tuple
+
+    def suggest(self, trial, name: str) -> Any:
+        return trial.suggest_categorical(name, list(self.values))
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    integer: bool = False
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> Any:
+        if self.integer:
+            return trial.suggest_int(name, int(self.low), int(self.high))
+        return trial.suggest_float(name, float(self.low), float(self.high), log=self.log)
+
+
+Spec = Fixed | Choice | Range
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a key accepts: numbers (int or float, with a validity check) or named choices."""
+
+    number: str | None          # "int" | "float" | None (categorical)
+    check: Callable[[Any], bool]
+    accepted: str
+    log: bool = False
+
+
+def _between(low: float, high: float, low_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: (low < v if low_open else low <= v) and v <= high
+
+
+_FRACTION = _Kind("float", _between(0, 1), "fractions in [0, 1]")
+_KINDS: dict[str, dict[str, _Kind]] = {
+    "layers": {"count": _Kind("int", lambda v: v >= 1, "integers >= 1"),
+               "first": _FRACTION, "spacing": _FRACTION},
+    "evit": {"fuse": _Kind(None, lambda v: isinstance(v, bool), "true or false")},
+    "tome": {"r": _Kind("float", _between(0, 0.5, True), "fractions of the patches in (0, 0.5]")},
+    "ppt": {"r": _Kind("float", _between(0, 0.5, True), "fractions of the patches in (0, 0.5]"),
+            "tau": _Kind("float", lambda v: v > 0, "positive numbers", log=True),
+            "tau_mode": _Kind(None, lambda v: v in TAU_MODES, " or ".join(TAU_MODES))},
+    "tps": {"temperature": _Kind("float", lambda v: v > 0, "positive numbers", log=True)},
+    "bat": {"clusters": _Kind("int", lambda v: v >= 1, "integers >= 1"),
+            "knn": _Kind("int", lambda v: v >= 1, "integers >= 1"),
+            "pairs": _Kind("int", lambda v: v >= 0, "integers >= 0")},
+    "sait": {"mode": _Kind(None, lambda v: v in ("mass", "value"), "mass or value"),
+             "mass_threshold": _Kind("float", _between(0, 1, True), "numbers in (0, 1]")},
+    "distill": {"kind": _Kind(None, lambda v: v in DISTILL_CHOICES, ", ".join(DISTILL_CHOICES)),
+                "beta": _Kind("float", lambda v: v >= 0, "numbers >= 0")},
+    "train": {"lr": _Kind("float", lambda v: v > 0, "positive numbers", log=True)},
+}
+_TOP_KEYS = ("reducers", "keep_rate") + tuple(_KINDS)
+_KEEP_RATE = _Kind("float", _between(0, 1, True), "numbers in (0, 1]")
+_DEFAULTS = {  # what a file may leave out
+    ("layers", "count"): Fixed(1), ("layers", "first"): Fixed(0.25), ("layers", "spacing"): Fixed(0.25),
+    ("evit", "fuse"): Fixed(True), ("ppt", "tau"): Fixed(7e-5), ("ppt", "tau_mode"): Fixed("var"),
+    ("tps", "temperature"): Fixed(1.0), ("sait", "mode"): Fixed("mass"),
+    ("distill", "kind"): Fixed("none"), ("distill", "beta"): Fixed(0.0),
+}
+_REQUIRED = {"keep_rate": ("evit", "tps", "bat"), ("tome", "r"): ("tome",), ("ppt", "r"): ("ppt",),
+             ("bat", "clusters"): ("bat",), ("bat", "knn"): ("bat",), ("bat", "pairs"): ("bat",)}
+
+
+def _parse_spec(value: Any, kind: _Kind, where: str) -> Spec:
+    def check(v):
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if kind.number is not None and not numeric:
+            raise SpaceError(f"{where}: {v!r} is not a number (accepted: {kind.accepted})")
+        if kind.number == "int" and not float(v).is_integer():
+            raise SpaceError(f"{where}: {v!r} is not an integer (accepted: {kind.accepted})")
+        if numeric and not math.isfinite(v) or not kind.check(v):
+            raise SpaceError(f"{where}: {v!r} is out of range (accepted: {kind.accepted})")
+        return int(v) if kind.number == "int" else v
+
+    if isinstance(value, dict):
+        if set(value) != {"choices"} or not isinstance(value["choices"], list) or not value["choices"]:
+            raise SpaceError(f"{where}: a mapping must be {{choices: [...]}} with at least one value")
+        return Choice(tuple(check(v) for v in value["choices"]))
+    if isinstance(value, list):
+        if not value:
+            raise SpaceError(f"{where}: an empty list offers nothing to choose")
+        if kind.number is not None:
+            if len(value) != 2:
+                raise SpaceError(f"{where}: a numeric range is [low, high]; for a set of values write {{choices: [...]}}")
+            low, high = check(value[0]), check(value[1])
+            if low > high:
+                raise SpaceError(f"{where}: low {low} is above high {high}")
+            if low == high:
+                return Fixed(low)
+            return Range(low, high, integer=kind.number == "int", log=kind.log)
+        values = tuple(check(v) for v in value)
+        return Choice(values) if len(values) > 1 else Fixed(values[0])
+    return Fixed(check(value))
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    source: str
+    data: dict                      # the file's content, stored with the study
+    reducers: Spec
+    specs: dict                     # (section, key) -> Spec, plus "keep_rate"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "SearchSpace":
+        path = Path(path)
+        if not path.is_file():
+            raise SpaceError(f"search space {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise SpaceError(f"search space {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        return cls.from_dict(data, str(path))
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<search space>") -> "SearchSpace":
+        if not isinstance(data, dict):
+            raise SpaceError(f"{source}: expected a mapping of keys ({', '.join(_TOP_KEYS)})")
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise SpaceError(f"{source}: unknown key {unknown[0]!r} (accepted: {', '.join(_TOP_KEYS)})")
+        reducers = _parse_spec(data.get("reducers", list(REDUCERS[1:])),
+                               _Kind(None, lambda v: v in REDUCERS[1:], ", ".join(REDUCERS[1:])), f"{source}: reducers")
+        specs: dict = {}
+        if "keep_rate" in data:
+            specs["keep_rate"] = _parse_spec(data["keep_rate"], _KEEP_RATE, f"{source}: keep_rate")
+        for section, kinds in _KINDS.items():
+            entries = data.get(section, {}) or {}
+            if not isinstance(entries, dict):
+                raise SpaceError(f"{source}: {section} must be a mapping (keys: {', '.join(kinds)})")
+            for key in sorted(set(entries) - set(kinds)):
+                raise SpaceError(f"{source}: unknown key '{section}.{key}' (accepted: {', '.join(kinds)})")
+            for key, kind in kinds.items():
+                if key in entries:
+                    specs[(section, key)] = _parse_spec(entries[key], kind, f"{source}: {section}.{key}")
+                elif (section, key) in _DEFAULTS:
+                    specs[(section, key)] = _DEFAULTS[(section, key)]
+        space = cls(source=source, data=data, reducers=reducers, specs=specs)
+        for key, needed_by in _REQUIRED.items():
+            users = [r for r in needed_by if r in space.reducer_choices]
+            if users and key not in specs:
+                name = key if isinstance(key, str) else ".".join(key)
+                raise SpaceError(f"{source}: {name} is required when the space includes {users[0]}")
+        if "sait" in space.reducer_choices:
+            modes = _values(specs[("sait", "mode")])
+            if "value" in modes and "keep_rate" not in specs:
+                raise SpaceError(f"{source}: keep_rate is required for value-based sait (sait.mode)")
+            if "mass" in modes and ("sait", "mass_threshold") not in specs:
+                raise SpaceError(f"{source}: sait.mass_threshold is required for mass-based sait")
+        return space
+
+    @property
+    def reducer_choices(self) -> tuple[str, ...]:
+        return _values(self.reducers)
+
+    # -- sampling -------------------------------------------------------------------------------
+
+    def sample(self, trial, depth: int, patches: int) -> Candidate:
+        """Sample a candidate for a model of `depth` blocks and `patches` patch tokens."""
+        spec = self.specs
+        reducer = self.reducers.suggest(trial, "reducer")
+        layers = None
+        if reducer != "tome":
+            count = 1 if reducer == "sait" else spec[("layers", "count")].suggest(trial, "layers")
+            first = spec[("layers", "first")].suggest(trial, "first_layer")
+            spacing = spec[("layers", "spacing")].suggest(trial, "layer_spacing") if count > 1 else 0.0
+            positions = [min(depth - 1, max(0, round(depth * (first + i * spacing)))) for i in range(count)]
+            layers = tuple(sorted(set(positions)))
+        args: dict[str, Any] = {"reducer": reducer, "layers": layers}
+        if reducer == "tome":
+            args["r"] = max(1, round(spec[("tome", "r")].suggest(trial, "tome.r") * patches))
+        elif reducer == "ppt":
+            args["r"] = tuple(max(1, round(spec[("ppt", "r")].suggest(trial, f"ppt.r_{i}") * patches))
+                              for i in range(len(layers)))
+            args["tau"] = spec[("ppt", "tau")].suggest(trial, "ppt.tau")
+            args["tau_mode"] = spec[("ppt", "tau_mode")].suggest(trial, "ppt.tau_mode")
+        elif reducer == "sait" and spec[("sait", "mode")].suggest(trial, "sait.mode") == "mass":
+            args["mass_threshold"] = spec[("sait", "mass_threshold")].suggest(trial, "sait.mass_threshold")
+        else:
+            args["keep_rate"] = tuple(spec["keep_rate"].suggest(trial, f"keep_rate_{i}") for i in range(len(layers)))
+        if reducer == "evit":
+            args["fuse"] = spec[("evit", "fuse")].suggest(trial, "evit.fuse")
+        if reducer == "tps":
+            args["temperature"] = spec[("tps", "temperature")].suggest(trial, "tps.temperature")
+        if reducer == "bat":
+            for key in ("clusters", "knn", "pairs"):
+                args[key] = spec[("bat", key)].suggest(trial, f"bat.{key}")
+        prune = PruneConfig(**{k: _collapse(v) if k != "layers" else v for k, v in args.items()
+                               if not (k == "layers" and v is None)})
+        distill, beta = self._sample_distill(trial, reducer)
+        lr_spec = spec.get(("train", "lr"))
+        lr = lr_spec.suggest(trial, "lr") if lr_spec is not None else None
+        return Candidate(prune=prune, distill=distill, beta=beta, lr=lr)
+
+    def _sample_distill(self, trial, reducer: str) -> tuple[str, float]:
+        """Distillation kind (tis only applies to sait) and weight beta."""
+        declared = _values(self.specs[("distill", "kind")])
+        kinds = [k for k in declared if k != "tis" or reducer == "sait"] or ["none"]
+        name = "sait.distill" if reducer == "sait" else "distill"
+        kind = kinds[0] if len(kinds) == 1 else trial.suggest_categorical(name, kinds)
+        if kind == "none":
+            return "none", 0.0
+        return kind, self.specs[("distill", "beta")].suggest(trial, "beta")
+
+    # -- inverse --------------------------------------------------------------------------------
+
+    def params_for(self, candidate: Candidate, depth: int, patches: int) -> dict[str, Any] | None:
+        """Trial params that make `sample` produce `candidate`, or None if the space cannot."""
+        cfg = candidate.prune
+        params: dict[str, Any] = {"reducer": cfg.reducer}
+        layers = cfg.layers or ()
+        if cfg.reducer != "tome" and layers:
+            params["layers"] = len(layers)
+            params["first_layer"] = layers[0] / depth
+            if len(layers) > 1:
+                params["layer_spacing"] = (layers[1] - layers[0]) / depth
+        if cfg.reducer == "tome" and cfg.r is not None and not isinstance(cfg.r, tuple):
+            params["tome.r"] = cfg.r / patches
+        for i, r in enumerate(_per_layer(cfg.r, len(layers)) if cfg.reducer == "ppt" else ()):
+            params[f"ppt.r_{i}"] = r / patches
+        for i, rate in enumerate(_per_layer(cfg.keep_rate, len(layers)) if cfg.keep_rate is not None else ()):
+            params[f"keep_rate_{i}"] = rate
+        for name in ("tau", "tau_mode", "temperature", "clusters", "knn", "pairs", "fuse", "mass_threshold"):
+            value = getattr(cfg, name)
+            if value is not None:
+                params[f"{cfg.reducer}.{name}"] = value
+        if cfg.reducer == "sait":
+            params["sait.mode"] = "mass" if cfg.adaptive else "value"
+        params["sait.distill" if cfg.reducer == "sait" else "distill"] = candidate.distill
+        if candidate.distill != "none":
+            params["beta"] = candidate.beta
+        if candidate.lr is not None:
+            params["lr"] = candidate.lr
+        replay = _Replay(params)
+        try:
+            sampled = self.sample(replay, depth, patches)
+        except (_NotExpressible, ConfigError):
+            return None
+        if sampled != candidate:
+            return None
+        return replay.used
+
+
+def _values(spec: Spec) -> tuple:
+    if isinstance(spec, Fixed):
+        return (spec.value,)
+    if isinstance(spec, Choice):
+        return spec.values
+    raise TypeError(spec)
+
+
+def _collapse(value):
+    """One value per layer, written as a scalar when all layers share it."""
+    return value[0] if isinstance(value, tuple) and len(set(value)) == 1 else value
+
+
+def _per_layer(value, count: int) -> tuple:
+    return value if isinstance(value, tuple) else (value,) * count
+
+
+class _NotExpressible(Exception):
+    pass
+
+
+class _Replay:
+    """Answers `suggest_*` calls from fixed params, refusing values outside the distribution."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.used: dict[str, Any] = {}
+
+    def _get(self, name: str):
+        if name not in self.params:
+            raise _NotExpressible(name)
+        self.used[name] = self.params[name]
+        return self.params[name]
+
+    def suggest_float(self, name, low, high, log=False):
+        value = self._get(name)
+        if not low - 1e-12 <= value <= high + 1e-12:
+            raise _NotExpressible(name)
+        return float(value)
+
+    def suggest_int(self, name, low, high):
+        value = self._get(name)
+        if not low <= value <= high:
+            raise _NotExpressible(name)
+        return int(value)
+
+    def suggest_categorical(self, name, choices):
+        value = self._get(name)
+        if value not in choices:
+            raise _NotExpressible(name)
+        return value
