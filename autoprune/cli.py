@@ -109,6 +109,87 @@ def cmd_bench(args: argparse.Namespace) -> None:
                           for row in rows]))
 
 
+SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes or underscores
+    "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
+    "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "early_stopping",
+}
+
+
+def _search_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Options from --config (a YAML file) overridden by the flags given on the command line."""
+    options = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise UsageError(f"--config: {args.config!r} is not a file (a YAML mapping of search options)")
+        data = _parse(path.read_text(), args.config) or {}
+        if not isinstance(data, dict):
+            raise UsageError(f"--config {args.config}: expected a mapping of options ({', '.join(sorted(SEARCH_KEYS))})")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in SEARCH_KEYS:
+                raise UsageError(f"--config {args.config}: unknown option {key!r}; accepted: {', '.join(sorted(SEARCH_KEYS))}")
+            options[name] = value
+    defaults = {action.dest: action.default for action in parser._actions}
+    for name in SEARCH_KEYS:
+        value = getattr(args, name)
+        if value != defaults.get(name) or name not in options:
+            options[name] = value
+    if options["budget"] is None:
+        raise UsageError("--budget is required (e.g. --budget 2.6GFLOPs or --budget 60%)")
+    return options
+
+
+def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    import dataclasses
+
+    import torch
+
+    from .search import SearchError, SearchSettings, search
+    from .train import TrainConfig
+    from .trial import ModelSpec
+
+    options = _search_options(args, parser)
+    if options["pretrained"] and options["checkpoint"]:
+        raise UsageError("--pretrained and --checkpoint exclude each other")
+    gpus = options["gpus_per_trial"]
+    if gpus is None:
+        gpus = 1 if torch.cuda.is_available() else 0
+    try:
+        settings = SearchSettings.from_preset(options["preset"], budget=str(options["budget"]))
+    except ValueError as error:
+        raise UsageError(f"--preset: {error}") from None
+    model = settings.model
+    if options["model"] is not None and options["model"] != model.name:
+        model = ModelSpec(options["model"], {}, "scratch")
+    if options["model_kwargs"] is not None:
+        kwargs = options["model_kwargs"]
+        model = dataclasses.replace(model, kwargs=parse_model_kwargs(kwargs) if isinstance(kwargs, str) else dict(kwargs))
+    if options["pretrained"]:
+        model = dataclasses.replace(model, init="pretrained")
+    if options["checkpoint"]:
+        model = dataclasses.replace(model, init=str(options["checkpoint"]))
+    recipe = settings.recipe
+    if options["epochs"] is not None:
+        try:
+            recipe = dataclasses.replace(recipe, epochs=float(options["epochs"]))
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"--epochs: {error}") from None
+    changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
+    settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu",
+                                   early_stopping=bool(options["early_stopping"]), **changes)
+    print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
+          f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
+          f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
+          f"early stopping {'on' if settings.early_stopping else 'off'}")
+    try:
+        search(settings, trials=int(options["trials"]), study_name=options["study"], storage=options["storage"],
+               address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
+               concurrency=int(options["concurrency"]))
+    except SearchError as error:
+        raise UsageError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,13 +211,46 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
     bench.set_defaults(run=cmd_bench)
+
+    search = commands.add_parser(
+        "search", help="search token-reduction configs within a FLOPs budget (Ray Tune + Optuna)",
+        description="Search which reducer, layers and rates fit a FLOPs budget best. Trials run on Ray Tune "
+                    "(a local instance, or a cluster with --address); an Optuna study keeps every trial, so "
+                    "running the same command again resumes the search.")
+    search.add_argument("--budget", help="FLOPs per image: 2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9, or 56%% of dense (required)")
+    search.add_argument("--config", help="YAML file of these options (flags given here override it), "
+                                         "e.g. examples/quickstart.yaml")
+    search.add_argument("--preset", default="deit_small", help="model, data and recipes to start from: "
+                        "deit_small (GPU) or quickstart (CPU) (default: %(default)s)")
+    search.add_argument("--model", help="timm ViT name (default: the preset's)")
+    search.add_argument("--model-kwargs", help="timm create_model kwargs, e.g. img_size=64,patch_size=8")
+    weights = search.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true", default=None, help="start from timm's pretrained weights")
+    weights.add_argument("--checkpoint", help="start from a local weights file")
+    search.add_argument("--data", help="synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH (default: synthetic)")
+    search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
+                        "(default, evit_tome, sait; default: default)")
+    search.add_argument("--trials", type=int, default=32, help="finished trials to reach (default: %(default)s)")
+    search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed (default: the preset's)")
+    search.add_argument("--seed", type=int, help="seed of the sampler and of training (default: 0)")
+    search.add_argument("--study", help="study name (default: MODEL-BUDGET)")
+    search.add_argument("--storage", default="sqlite:///studies/autoprune.db",
+                        help="Optuna storage, any SQLAlchemy URL (default: %(default)s)")
+    search.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
+    search.add_argument("--gpus-per-trial", type=float, help="default: 1 when CUDA is available, else 0")
+    search.add_argument("--cpus-per-trial", type=int, help="default: all CPUs / concurrency")
+    search.add_argument("--concurrency", type=int, default=1, help="trials at once (default: %(default)s; "
+                        "throughput is only meaningful when a trial has its device to itself)")
+    search.add_argument("--early-stopping", action="store_true", default=None,
+                        help="stop poor trials early (ASHA on accuracy); they end PRUNED")
+    search.set_defaults(run=lambda args: cmd_search(args, search))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "rounds", "warmup", "threads"):
+    for name in ("batch_size", "rounds", "warmup", "threads", "trials", "concurrency", "cpus_per_trial"):
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.exit(2, f"autoprune: --{name.replace('_', '-')}: {value} is invalid; accepted: a positive integer\n")

@@ -35,7 +35,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "deit_small": Preset(
         model=ModelSpec("deit_small_patch16_224", {}, init="pretrained"),
-        data="imagefolder:data/imagenet",
+        data="synthetic",
         baseline=TrainConfig(epochs=1, batch_size=256, lr=1e-5, warmup=0.1),
         trial=TrainConfig(epochs=5, batch_size=256, lr=5e-5, warmup=0.1, keep_rate_warmup=0.3),
         device="cuda",

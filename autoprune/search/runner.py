@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +52,7 @@ class SearchSettings:
     model: ModelSpec = field(default_factory=lambda: get_preset("deit_small").model)
     data: str = "synthetic"
     synthetic: SyntheticOptions = field(default_factory=SyntheticOptions)
-    space: str = "search_spaces/default.yaml"
+    space: str = "default"  # a YAML file, or the name of one in search_spaces/
     recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").trial)
     baseline_recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").baseline)
     seed: int = 0
@@ -111,11 +112,6 @@ def search(
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
     existing = _find_study(optuna_storage, study_name)
-    if existing is not None:
-        differences = settings_diff(existing.user_attrs.get(SETTINGS_ATTR, {}), _jsonable(record))
-        if differences:
-            raise SearchError(f"study {study_name!r} was created with other settings; refusing to resume: "
-                              + "; ".join(differences))
     depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     dense_flops = predict_flops(probe)
     budget_flops = budget.resolve(dense_flops)
@@ -128,52 +124,69 @@ def search(
     if budget_flops >= dense_flops:
         log(f"the budget is at or above the dense model's {format_flops(dense_flops)}: searching for speed within it")
 
-    device = settings.device
-    baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe, settings.synthetic,
-                              device=device, log=log)
-    log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, {format_flops(baseline.metrics['flops'])}, "
-        f"{baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
-
     study = optuna.create_study(storage=optuna_storage, study_name=study_name, directions=["maximize", "maximize"],
                                 load_if_exists=True)
-    with StudyLease(optuna_storage, study._study_id):
-        if existing is None:
-            study.set_metric_names(list(OBJECTIVES))
-            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
-        recovered = recover_interrupted(study)
-        if recovered:
-            log(f"resuming: trials {recovered} were interrupted; marked FAIL and queued to run again")
-        calibration = _Calibration(baseline.model, datasets.val, settings.recipe.batch_size)
-
-        def flops_of(candidate: Candidate) -> float:
-            return calibration.flops(candidate.prune) if candidate.prune.adaptive else predict_flops(probe, candidate.prune)
-
-        if not study.user_attrs.get(WARM_STARTED_ATTR):
-            enqueued = enqueue_warm_starts(study, space, probe, budget_flops, flops_of)
-            study.set_user_attr(WARM_STARTED_ATTR, True)
-            log(f"warm start: {', '.join(enqueued) or 'no hand-designed config fits the budget'}")
-        done = finished_count(study)
-        if done >= trials:
-            log(f"the study already holds {done} finished trials")
+    lease = StudyLease(optuna_storage, study._study_id)
+    _parse(lease.acquire, None, StorageError)
+    try:
+        if existing is not None:
+            _check_same_settings(existing, study_name, _jsonable(record))
         else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(OBJECTIVES))
+            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
+        baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
+                                  settings.synthetic, device=settings.device, log=log)
+        log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
+            f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
+        return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,
+                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, log)
+    finally:
+        lease.release()
+
+
+def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
+           cpus_per_trial, gpus_per_trial, concurrency, retries, log) -> SearchResult:
+    """Recover, warm-start and run trials on an opened, leased study."""
+    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
+    recovered = recover_interrupted(study)
+    if recovered:
+        log(f"resuming: trials {recovered} were interrupted; marked FAIL and queued to run again")
+    calibration = _Calibration(baseline.model, datasets.val, settings.recipe.batch_size)
+
+    def flops_of(candidate: Candidate) -> float:
+        return calibration.flops(candidate.prune) if candidate.prune.adaptive else predict_flops(probe, candidate.prune)
+
+    if not study.user_attrs.get(WARM_STARTED_ATTR):
+        enqueued = enqueue_warm_starts(study, space, probe, budget_flops, flops_of)
+        study.set_user_attr(WARM_STARTED_ATTR, True)
+        log(f"warm start: {', '.join(enqueued) or 'no hand-designed config fits the budget'}")
+    done = finished_count(study)
+    if done >= trials:
+        log(f"the study already holds {done} finished trials")
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # seeded by the study's size: a resumed search does not replay its first proposals
             study.sampler = optuna.samplers.TPESampler(
                 multivariate=True, group=True, constant_liar=True, seed=settings.seed + len(study.trials),
                 n_startup_trials=min(10, max(4, trials // 4)))
-            searcher = StudySearcher(
-                study, space, depth, patches, budget_flops, flops_of,
-                train_config=lambda c, number: dataclasses.replace(
-                    settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-                target=trials, progress=Progress(total=trials, done_before=done, write=log))
-            _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
-                     concurrency, retries)
-            if searcher.proposed:
-                log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
-                    f"({searcher.infeasible / searcher.proposed:.0%})")
-        front = pareto_front(study)
-        log(format_front(front, baseline.metrics))
-        log(f"study {study_name!r} lives in {storage}")
-        infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)
-        return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
+        searcher = StudySearcher(
+            study, space, depth, patches, budget_flops, flops_of,
+            train_config=lambda c, number: dataclasses.replace(
+                settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
+            target=trials, progress=Progress(total=trials, done_before=done, write=log))
+        _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
+                 concurrency, retries)
+        if searcher.proposed:
+            log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
+                f"({searcher.infeasible / searcher.proposed:.0%})")
+    front = pareto_front(study)
+    log(format_front(front, baseline.metrics))
+    log(f"study {study_name!r} lives in {storage}")
+    infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)
+    return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
 
 
 def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -315,6 +328,7 @@ def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_
     from ray.tune.schedulers import ASHAScheduler
 
     started_here = not ray.is_initialized()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=True)
@@ -367,6 +381,16 @@ def _create_probe(spec: ModelSpec) -> torch.nn.Module:
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise SearchError(f"--model: {spec.name} is not a timm VisionTransformer (DeiT/ViT)")
     return model
+
+
+def _check_same_settings(study: optuna.Study, name: str, requested: dict[str, Any]) -> None:
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        raise SearchError(f"study {name!r} exists but was not made by autoprune search (no settings recorded); "
+                          "choose another --study name")
+    differences = settings_diff(stored, requested)
+    if differences:
+        raise SearchError(f"study {name!r} was created with other settings; refusing to resume: " + "; ".join(differences))
 
 
 def _find_study(storage, name: str):

@@ -167,7 +167,7 @@ class StudySearcher(Searcher):
             self.progress.line(self.study, trial.number, f"{label} FAILED (bad metrics)")
             return
         for key in ("flops", "flops_std", "params", "throughput", "dense_throughput", "speedup", "accuracy",
-                    "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds"):
+                    "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id"):
             trial.set_user_attr(key, result.get(key))
         trial.set_user_attr(OUTCOME, "complete")
         trial.set_constraint("flops", result["flops"] / self.budget - 1)

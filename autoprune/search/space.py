@@ -19,6 +19,7 @@ import yaml
 from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
 
 DISTILL_CHOICES = ("none", "logits", "features", "tis")
+BUILT_IN = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
 class SpaceError(ValueError):
@@ -163,9 +164,15 @@ class SearchSpace:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SearchSpace":
+        """A space from a YAML file, or by name from the project's search_spaces/ (e.g. "default")."""
         path = Path(path)
+        if not path.is_file() and (BUILT_IN / path).is_file():
+            path = BUILT_IN / path
+        elif not path.is_file() and (BUILT_IN / f"{path}.yaml").is_file():
+            path = BUILT_IN / f"{path}.yaml"
         if not path.is_file():
-            raise SpaceError(f"search space {str(path)!r} does not exist")
+            names = ", ".join(sorted(p.stem for p in BUILT_IN.glob("*.yaml")))
+            raise SpaceError(f"search space {str(path)!r} does not exist (give a YAML file, or one of: {names})")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as error:

@@ -64,5 +64,7 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         tune.report({FAILED: f"{type(error).__name__}: {detail}",
                      "traceback": traceback.format_exc(limit=8)})
         return
+    import ray
+
     tune.report({**dataclasses.asdict(result), "epoch": len(result.history), "checkpoint_path": str(checkpoint),
-                 FINAL: True})
+                 "node_id": ray.get_runtime_context().get_node_id(), FINAL: True})

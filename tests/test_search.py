@@ -1,0 +1,210 @@
+"""The search service end to end on a tiny ViT and tiny synthetic data, with a real local Ray."""
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from autoprune.cli import main
+from autoprune.data import SyntheticOptions
+from autoprune.search import SearchError, SearchSettings, search
+from autoprune.search.searcher import OUTCOME, REASON, WARM_START, finished_count
+from autoprune.search.storage import StudyLease, open_storage
+from autoprune.train import TrainConfig
+from autoprune.trial import ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ModelSpec("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3})
+SYNTHETIC = SyntheticOptions(num_classes=4, train_size=64, val_size=32, test_size=32, image_size=32)
+RECIPE = TrainConfig(epochs=1, batch_size=16, workers=0)
+
+
+def tiny_settings(**changes) -> SearchSettings:
+    base = SearchSettings(budget="75%", model=TINY, synthetic=SYNTHETIC, recipe=RECIPE, baseline_recipe=RECIPE,
+                          space=str(ROOT / "search_spaces" / "default.yaml"))
+    return dataclasses.replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # baselines and Ray results go under ./studies
+    return tmp_path
+
+
+def storage_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'studies.db'}"
+
+
+def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir):
+    lines = []
+    result = search(tiny_settings(), trials=3, study_name="s", storage=storage_url(workdir), log=lines.append)
+    study = optuna.load_study(study_name="s", storage=storage_url(workdir))
+    finished = [t for t in study.trials if t.user_attrs.get(OUTCOME) in ("complete", "failed", "stopped")]
+    assert result.finished == len(finished) == 3
+    complete = [t for t in finished if t.user_attrs[OUTCOME] == "complete"]
+    assert complete and all(t.constraints["flops"] <= 0 for t in complete)
+    budget = 0.75 * study.user_attrs["autoprune:settings"] and None
+    for trial in complete:
+        attrs = trial.user_attrs
+        assert {"prune_config", "train_config", "flops", "params", "throughput", "speedup", "accuracy",
+                "ray_trial_id", "checkpoint_path"} <= set(attrs)
+        assert Path(attrs["checkpoint_path"]).exists()
+        assert trial.values == [attrs["accuracy"], attrs["throughput"]]
+    assert any(t.user_attrs.get(WARM_START) for t in study.trials)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert any(line.startswith("[3/3]") and "left" in line for line in lines)
+    assert any("Pareto front" in line for line in lines)
+    # the same command again: nothing left to do, warm starts are not enqueued twice
+    again = search(tiny_settings(), trials=3, study_name="s", storage=storage_url(workdir), log=lines.append)
+    assert again.finished == 3 and len(optuna.load_study(study_name="s", storage=storage_url(workdir)).trials) == len(study.trials)
+
+
+def test_resuming_with_other_settings_is_refused(ray_session, workdir):
+    search(tiny_settings(), trials=1, study_name="s", storage=storage_url(workdir), log=lambda line: None)
+    with pytest.raises(SearchError, match=r"created with other settings.*budget: stored '75%', requested '80%'"):
+        search(tiny_settings(budget="80%"), trials=2, study_name="s", storage=storage_url(workdir), log=lambda line: None)
+
+
+def test_failing_trials_end_fail_with_their_reason_and_the_study_goes_on(ray_session, workdir):
+    space = workdir / "explode.yaml"
+    space.write_text("reducers: [evit]\nkeep_rate: [0.5, 0.9]\ntrain: {lr: [1.0e+6, 1.0e+7]}\n")
+    result = search(tiny_settings(space=str(space)), trials=2, study_name="nan", storage=storage_url(workdir),
+                    log=lambda line: None)
+    study = optuna.load_study(study_name="nan", storage=storage_url(workdir))
+    failed = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "failed"]
+    assert result.finished == 2 and len(failed) == 2
+    assert all(t.state == optuna.trial.TrialState.FAIL and "loss became nan" in t.user_attrs[REASON] for t in failed)
+
+
+def test_an_exception_inside_a_trial_is_recorded(ray_session, workdir):
+    settings = tiny_settings()
+    search(settings, trials=1, study_name="ok", storage=storage_url(workdir), log=lambda line: None)
+    weights = next((workdir / "studies" / "baselines").glob("*/model.pt"))
+    weights.write_bytes(b"truncated")  # the driver cached it; workers now fail to load it
+    import autoprune.search.trainable as trainable
+    trainable._PREPARED.clear()
+    search(settings, trials=2, study_name="broken", storage=storage_url(workdir), log=lambda line: None)
+    study = optuna.load_study(study_name="broken", storage=storage_url(workdir))
+    failed = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "failed"]
+    assert len(failed) == 2 and all("UnpicklingError" in t.user_attrs[REASON] or "Error" in t.user_attrs[REASON]
+                                    for t in failed)
+
+
+DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_search import tiny_settings
+    from autoprune.search import search
+    search(tiny_settings(), trials=3, study_name="killed", storage={storage!r})
+""")
+
+
+def test_kill_9_mid_trial_then_resume(workdir):
+    storage = storage_url(workdir)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests"), storage=storage)],
+                              cwd=workdir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    complete_before: list[int] = []
+    try:
+        while time.time() < deadline:
+            time.sleep(1)
+            try:
+                study = optuna.load_study(study_name="killed", storage=storage)
+            except KeyError:
+                continue
+            states = [(t.number, t.user_attrs.get(OUTCOME), t.state) for t in study.trials]
+            complete_before = [n for n, outcome, _ in states if outcome == "complete"]
+            if complete_before and any(state == optuna.trial.TrialState.RUNNING for _, _, state in states):
+                break
+        else:
+            pytest.fail("the search never had a finished and a running trial at once")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes, at once
+        driver.wait()
+    result = search(tiny_settings(), trials=3, study_name="killed", storage=storage, log=lambda line: None)
+    study = optuna.load_study(study_name="killed", storage=storage)
+    outcomes = [t.user_attrs.get(OUTCOME) for t in study.trials]
+    assert result.finished == 3 and outcomes.count("complete") + outcomes.count("failed") + outcomes.count("stopped") == 3
+    assert "interrupted" in outcomes and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert all(study.trials[n].user_attrs[OUTCOME] == "complete" for n in complete_before)
+    retried = [t for t in study.trials if "autoprune:retry_of" in t.user_attrs]
+    interrupted = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "interrupted"]
+    assert [t.user_attrs["autoprune:retry_of"] for t in retried] == [t.number for t in interrupted]
+    assert all(t.params == study.trials[t.user_attrs["autoprune:retry_of"]].params for t in retried)
+
+
+def test_two_node_cluster_runs_trials_on_both_nodes(workdir):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+        search(tiny_settings(), trials=4, study_name="cluster", storage=storage_url(workdir), cpus_per_trial=1,
+               concurrency=2, log=lambda line: None)
+        study = optuna.load_study(study_name="cluster", storage=storage_url(workdir))
+        nodes = {t.user_attrs.get("node_id") for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"}
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "60%", "--model", "vit_nonexistent"], "--model: unknown timm model"),
+    (["--budget", "60%", "--model-kwargs", "no_such_kwarg=1"], "--model-kwargs"),
+    (["--budget", "60%", "--data", "imagefolder:/no/such/folder"], "/no/such/folder"),
+    (["--budget", "60%", "--data", "mnist"], "mnist"),
+    (["--budget", "60%", "--space", "no_such_space.yaml"], "no_such_space.yaml"),
+    (["--budget", "tiny"], "--budget: 'tiny' is not a FLOPs budget"),
+    (["--budget", "1%"], "below the cheapest config the search space can express"),
+    (["--budget", "60%", "--storage", "nosuchdb://x"], "--storage"),
+])
+def test_bad_input_exits_2_before_anything_runs(workdir, capsys, argv, message):
+    code = main(["search", "--preset", "quickstart", *argv, "--storage", f"sqlite:///{workdir / 'x.db'}"]
+                if "--storage" not in argv else ["search", "--preset", "quickstart", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (workdir / "studies" / "baselines").exists()  # nothing trained
+
+
+def test_bad_space_and_storage_files_are_left_untouched(workdir, capsys):
+    space = workdir / "space.yaml"
+    space.write_text("reducers: [evit]\nkeep_rate: [0.9, 0.5]\n")
+    assert main(["search", "--preset", "quickstart", "--budget", "60%", "--space", str(space),
+                 "--storage", f"sqlite:///{workdir / 'x.db'}"]) == 2
+    assert "keep_rate: low 0.9 is above high 0.5" in capsys.readouterr().err
+    notes = workdir / "notes.db"
+    notes.write_text("not a database")
+    assert main(["search", "--preset", "quickstart", "--budget", "60%", "--storage", f"sqlite:///{notes}"]) == 2
+    assert "not an autoprune/Optuna study database" in capsys.readouterr().err
+    assert notes.read_text() == "not a database"
+
+
+def test_a_second_search_on_a_held_study_is_refused(workdir, capsys):
+    storage = open_storage(storage_url(workdir))
+    study = optuna.create_study(storage=storage, study_name="busy", directions=["maximize", "maximize"])
+    with StudyLease(storage, study._study_id):
+        code = main(["search", "--preset", "quickstart", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=4,num_heads=3",
+                     "--budget", "75%", "--study", "busy", "--storage", storage_url(workdir)])
+    assert code == 2 and "refused" in capsys.readouterr().err
