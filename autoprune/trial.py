@@ -114,7 +114,10 @@ def dense_baseline(
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):
         if (folder / "baseline.json").exists():
-            return load_baseline(folder, spec, device)
+            try:
+                return load_baseline(folder, spec, device)
+            except Exception as error:  # a damaged cache is rebuilt, not trusted
+                log(f"the cached baseline in {folder} is unreadable ({type(error).__name__}); training it again")
         model = spec.create(datasets.num_classes).to(device)
         log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
         started = time.perf_counter()

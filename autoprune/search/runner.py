@@ -182,6 +182,8 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
         if searcher.proposed:
             log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
                 f"({searcher.infeasible / searcher.proposed:.0%})")
+        if searcher.exhausted:
+            raise SearchError(searcher.exhausted)
     front = pareto_front(study)
     log(format_front(front, baseline.metrics))
     log(f"study {study_name!r} lives in {storage}")

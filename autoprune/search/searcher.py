@@ -24,6 +24,7 @@ OBJECTIVES = ("accuracy", "throughput")
 OUTCOME = "autoprune:outcome"      # complete | failed | stopped | infeasible | interrupted
 REASON = "autoprune:reason"
 WARM_START = "autoprune:warm_start"
+RETRY_OF = "autoprune:retry_of"
 FINISHED_OUTCOMES = ("complete", "failed", "stopped")
 
 
@@ -46,7 +47,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
         storage.set_trial_user_attr(trial._trial_id, REASON, "the search driving this trial stopped before it finished")
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
-        study.enqueue_trial(trial.params, user_attrs={**attrs, "autoprune:retry_of": trial.number})
+        study.enqueue_trial(trial.params, user_attrs={**attrs, RETRY_OF: trial.number})
         recovered.append(trial.number)
     return recovered
 
@@ -101,24 +102,26 @@ class StudySearcher(Searcher):
         train_config: Callable[[Candidate, int], dict[str, Any]],
         target: int,
         progress: Progress,
-        max_proposals: int = 2000,
+        max_proposals: int = 500,
     ) -> None:
-        super().__init__(metric=OBJECTIVES[0], mode="max")
+        # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
+        super().__init__(metric=None, mode=None)
         self.study, self.space = study, space
         self.depth, self.patches, self.budget = depth, patches, budget
         self.flops_of, self.train_config = flops_of, train_config
         self.target, self.progress, self.max_proposals = target, progress, max_proposals
         self.live: dict[str, optuna.Trial] = {}
         self.proposed = self.infeasible = 0
+        self.exhausted: str | None = None
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
     def suggest(self, trial_id: str):
-        if finished_count(self.study) + len(self.live) >= self.target:
+        if self.exhausted or finished_count(self.study) + len(self.live) >= self.target:
             return Searcher.FINISHED if not self.live else None
         for _ in range(self.max_proposals):
-            trial = self.study.ask()
+            trial = self._next_trial()
             candidate = self.space.sample(trial, self.depth, self.patches)
             self.proposed += 1
             flops = self.flops_of(candidate)
@@ -131,8 +134,9 @@ class StudySearcher(Searcher):
             trial.set_constraint("flops", flops / self.budget - 1)
             self.study.tell(trial, state=TrialState.PRUNED)
         else:
-            raise RuntimeError(f"no config within budget among {self.max_proposals} proposals; "
-                               "the space barely reaches the budget: raise it or widen the space")
+            self.exhausted = (f"no config within budget among {self.max_proposals} proposals in a row; "
+                              "the space barely reaches the budget: raise it or widen the space")
+            return Searcher.FINISHED if not self.live else None
         trial.set_user_attr("prune_config", candidate.prune.to_dict())
         trial.set_user_attr("predicted_flops", flops)
         trial.set_user_attr("ray_trial_id", trial_id)
@@ -140,6 +144,19 @@ class StudySearcher(Searcher):
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
         return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
+
+    def _next_trial(self) -> optuna.Trial:
+        """Re-runs of interrupted trials first, then other queued trials (warm starts) in order,
+        then a new proposal. (`Study.ask` would take the queue oldest first.)"""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        waiting.sort(key=lambda t: (RETRY_OF not in t.user_attrs, t.number))
+        for queued in waiting:
+            try:
+                if self.study._storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
+                    return optuna.trial.Trial(self.study, queued._trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return self.study.ask()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
