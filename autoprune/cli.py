@@ -69,15 +69,12 @@ def _parse(text: str, origin: str):
 
 
 def _create_model(name: str, kwargs: dict):
-    import timm
+    from .trial import ModelError, create_unweighted
 
-    if name not in timm.list_models():
-        raise UsageError(f"--model: unknown timm model {name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
     try:
-        return timm.create_model(name, **kwargs)
-    except Exception as error:  # timm raises TypeError, ValueError or AssertionError for bad kwargs
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UsageError(f"--model-kwargs: {name} does not accept them ({detail})") from None
+        return create_unweighted(name, kwargs)
+    except ModelError as error:
+        raise UsageError(str(error)) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -198,17 +198,21 @@ class PruneConfig:
         if self.reducer == "none":
             return "dense"
         parts = [self.reducer]
+        def show(value) -> str:
+            if isinstance(value, tuple):
+                return ",".join(show(v) for v in value)
+            return f"{value:.3g}" if isinstance(value, float) else str(value)
+
         for name in ("keep_rate", "r", "mass_threshold"):
             value = getattr(self, name)
             if value is not None:
-                shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-                parts.append(f"{name}={shown}")
+                parts.append(f"{name}={show(value)}")
         parts.append("@all" if self.layers is None else "@" + ",".join(map(str, self.layers)))
         defaults = REDUCER_PARAMS[self.reducer]
         for name in _PARAM_FIELDS:
             value = getattr(self, name)
             if name in defaults and name != "mass_threshold" and value != defaults[name]:
-                parts.append(f"{name}={value}")
+                parts.append(f"{name}={show(value)}")
         return " ".join(parts)
 
     # -- serialisation --------------------------------------------------------------------------

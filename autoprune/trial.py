@@ -21,6 +21,7 @@ from typing import Any, Callable
 import timm
 import torch
 from filelock import FileLock
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from . import __version__
@@ -36,6 +37,25 @@ DEFAULT_CACHE = Path("studies") / "baselines"
 
 class BaselineError(RuntimeError):
     """The dense baseline cannot be built (weights unreachable, checkpoint unreadable...)."""
+
+
+class ModelError(ValueError):
+    """An unknown timm model, kwargs it refuses, or a model autoprune cannot reduce."""
+
+
+def create_unweighted(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The timm ViT with random weights: checks name and kwargs, and gives shapes, before anything
+    is downloaded or trained."""
+    if not timm.is_model(name):
+        raise ModelError(f"--model: unknown timm model {name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as error:  # timm raises TypeError, ValueError or AssertionError for bad kwargs
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ModelError(f"--model-kwargs: {name} does not accept {kwargs} ({detail})") from None
+    if not isinstance(model, VisionTransformer):
+        raise ModelError(f"--model: {name} is not a timm VisionTransformer (DeiT/ViT)")
+    return model
 
 
 @dataclass(frozen=True)

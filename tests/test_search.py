@@ -104,6 +104,18 @@ def test_an_exception_inside_a_trial_is_recorded(ray_session, workdir):
     assert all(t.state == optuna.trial.TrialState.FAIL and "FileExistsError" in t.user_attrs[REASON] for t in failed)
 
 
+def test_early_stopped_trials_end_pruned_never_complete(ray_session, workdir):
+    settings = tiny_settings(recipe=TrainConfig(epochs=4, batch_size=16, workers=0), early_stopping=True)
+    search(settings, trials=6, study_name="asha", storage=storage_url(workdir), log=lambda line: None)
+    study = optuna.load_study(study_name="asha", storage=storage_url(workdir))
+    stopped = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "stopped"]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert stopped, "ASHA should stop some of six trials"
+    assert all(t.state == optuna.trial.TrialState.PRUNED and "stopped early after epoch" in t.user_attrs[REASON]
+               for t in stopped)
+    assert all(t.user_attrs.get(OUTCOME) == "complete" and t.user_attrs["checkpoint_path"] for t in complete)
+
+
 DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})

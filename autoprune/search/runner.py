@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import timm
 import torch
 
 from ..config import PruneConfig
@@ -27,7 +26,7 @@ from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
-from ..trial import ModelSpec, dense_baseline
+from ..trial import ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import Budget, BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, OUTCOME, WARM_START, Progress, StudySearcher, finished_count,
                        recover_interrupted)
@@ -106,9 +105,10 @@ def search(
     study_name = study_name or default_study_name(settings)
     budget = _parse(parse_budget, settings.budget, BudgetError)
     space = _parse(SearchSpace.from_file, settings.space, ValueError)
-    probe = _create_probe(settings.model)
+    probe = _parse(lambda: create_unweighted(settings.model.name, settings.model.kwargs), None, ModelError)
     datasets = _parse(lambda: load_datasets(settings.data, model_data_config(probe), synthetic=settings.synthetic),
                       None, ValueError)
+    probe.reset_classifier(datasets.num_classes)  # the head is part of the FLOPs
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
     existing = _find_study(optuna_storage, study_name)
@@ -369,20 +369,6 @@ def _parse(function, argument, errors):
         return function(argument) if argument is not None else function()
     except (errors or ValueError) as error:
         raise SearchError(str(error)) from None
-
-
-def _create_probe(spec: ModelSpec) -> torch.nn.Module:
-    """The model without weights, to check name and kwargs and read its shape before training."""
-    if not timm.is_model(spec.name):
-        raise SearchError(f"--model: unknown timm model {spec.name!r} (e.g. deit_small_patch16_224, vit_base_patch16_224)")
-    try:
-        model = timm.create_model(spec.name, **spec.kwargs)
-    except Exception as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise SearchError(f"--model-kwargs: {spec.name} does not accept {spec.kwargs} ({detail})") from None
-    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-        raise SearchError(f"--model: {spec.name} is not a timm VisionTransformer (DeiT/ViT)")
-    return model
 
 
 def _check_same_settings(study: optuna.Study, name: str, requested: dict[str, Any]) -> None:
