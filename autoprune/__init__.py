@@ -7,8 +7,9 @@
 """
 
 from .config import ConfigError, PruneConfig
+from .export import load
 from .flops import count_flops, predict_flops
 from .patch import apply, remove
 
-__all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "predict_flops", "remove"]
+__all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "load", "predict_flops", "remove"]
 __version__ = "0.1.0"

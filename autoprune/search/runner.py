@@ -138,6 +138,7 @@ def search(
             study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
                                   settings.synthetic, device=settings.device, log=log)
+        study.set_user_attr("autoprune:dense", {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
         return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,

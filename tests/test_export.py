@@ -1,0 +1,86 @@
+"""Reading a finished study back: studies, show, export and load."""
+
+import json
+
+import optuna
+import pytest
+
+import autoprune
+from autoprune.cli import main
+from autoprune.data import load_datasets, model_data_config
+from autoprune.export import pick_trial
+from autoprune.search import search
+from autoprune.search.runner import pareto_front
+from autoprune.train import evaluate
+from test_search import SYNTHETIC, tiny_settings
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    import os
+    workdir = tmp_path_factory.mktemp("finished")
+    previous = os.getcwd()
+    os.chdir(workdir)
+    storage = f"sqlite:///{workdir / 'studies.db'}"
+    try:
+        search(tiny_settings(), trials=4, study_name="done", storage=storage, log=lambda line: None)
+        yield workdir, storage
+    finally:
+        os.chdir(previous)
+
+
+def test_export_then_load_gives_the_trial_model(finished, tmp_path, capsys):
+    workdir, storage = finished
+    assert main(["export", "--study", "done", "--storage", storage, "--pick", "accuracy", "--out", str(tmp_path / "m")]) == 0
+    assert "exported trial" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "m" / "autoprune.json").read_text())
+    study = optuna.load_study(study_name="done", storage=storage)
+    trial = study.trials[manifest["trial"]]
+    model = autoprune.load(tmp_path / "m")
+    assert model.prune_config.to_dict() == trial.user_attrs["prune_config"]
+    datasets = load_datasets("synthetic", model_data_config(model), synthetic=SYNTHETIC)
+    assert evaluate(model, datasets.val, batch_size=16)["top1"] == trial.user_attrs["accuracy"]
+    assert manifest["metrics"]["accuracy"] == trial.values[0]
+
+
+def test_export_refuses_what_it_cannot_do(finished, tmp_path, capsys):
+    workdir, storage = finished
+    out = tmp_path / "taken"
+    out.mkdir()
+    assert main(["export", "--study", "done", "--storage", storage, "--out", str(out)]) == 2
+    assert "exists; choose another folder or pass --force" in capsys.readouterr().err
+    assert main(["export", "--study", "done", "--storage", storage, "--out", str(out), "--force"]) == 0
+    study = optuna.load_study(study_name="done", storage=storage)
+    study.enqueue_trial({"reducer": "tome"})  # queued, never run
+    unfinished = study.trials[-1]
+    assert main(["export", "--study", "done", "--storage", storage, "--trial", str(unfinished.number),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert f"trial {unfinished.number} did not finish" in capsys.readouterr().err
+    assert main(["export", "--study", "missing", "--storage", storage, "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "no study 'missing'" in err and "(studies there: done)" in err
+
+
+def test_studies_and_show(finished, capsys):
+    workdir, storage = finished
+    assert main(["studies", "--storage", storage]) == 0
+    out = capsys.readouterr().out
+    assert "done" in out and "vit_tiny_patch16_224" in out and "75%" in out
+    assert main(["show", "--study", "done", "--storage", storage]) == 0
+    assert "Pareto front" in capsys.readouterr().out
+
+
+def test_picks_on_the_front():
+    front = [_Point(0, 90.0, 100.0), _Point(1, 89.2, 300.0), _Point(2, 88.0, 390.0), _Point(3, 60.0, 400.0)]
+    assert pick_trial(front, "accuracy").number == 0
+    assert pick_trial(front, "speed").number == 1     # fastest within 1 point of the best
+    # the knee: scaled to the front's ranges, point 2 is farthest from the line joining 0 and 3
+    # (|0.933 - 0.033| = 0.90 against 0.64 for point 1)
+    assert pick_trial(front, "balanced").number == 2
+
+
+class _Point:
+    """A front trial's number and objectives, all pick_trial reads."""
+
+    def __init__(self, number, accuracy, throughput):
+        self.number, self.values = number, [accuracy, throughput]
