@@ -219,3 +219,12 @@ def test_a_second_search_on_a_held_study_is_refused(workdir, capsys):
         code = main(["search", "--preset", "quickstart", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=4,num_heads=3",
                      "--budget", "75%", "--study", "busy", "--storage", storage_url(workdir)])
     assert code == 2 and "refused" in capsys.readouterr().err
+
+
+def test_unreachable_pretrained_weights_exit_2(workdir, capsys, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["search", "--budget", "70%", "--model", "deit_tiny_patch16_224", "--pretrained",
+                 "--model-kwargs", "img_size=32,patch_size=8,depth=2", "--storage", storage_url(workdir)])
+    assert code == 2
+    assert "pretrained weights for deit_tiny_patch16_224 could not be loaded" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
-from ..trial import ModelError, ModelSpec, create_unweighted, dense_baseline
+from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import Budget, BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, OUTCOME, WARM_START, Progress, StudySearcher, finished_count,
                        recover_interrupted)
@@ -136,8 +136,11 @@ def search(
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(OBJECTIVES))
             study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
-        baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
-                                  settings.synthetic, device=settings.device, log=log)
+        try:
+            baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
+                                      settings.synthetic, device=settings.device, log=log)
+        except BaselineError as error:
+            raise SearchError(str(error)) from None
         study.set_user_attr("autoprune:dense", {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
