@@ -251,6 +251,20 @@ def cmd_export(args: argparse.Namespace) -> None:
           f"load it with autoprune.load({str(out)!r})")
 
 
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    study = _study(args)
+    if not study.get_trials(deepcopy=False):
+        raise UsageError(f"study {args.study!r} has no trials yet: nothing to report")
+    try:
+        path = write_report(args.storage, args.study, out_dir=args.out)
+    except OSError as error:
+        raise UsageError(f"--out: cannot write the report ({error})") from None
+    print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --force)")
     export.add_argument("--force", action="store_true", help="overwrite --out")
     export.set_defaults(run=cmd_export)
+
+    report = commands.add_parser("report", help="write a study's report: plots, front, maps (HTML, Markdown, CSV)")
+    report.add_argument("--study", required=True)
+    report.add_argument("--storage", default="sqlite:///studies/autoprune.db", help=storage_help)
+    report.add_argument("--out", help="folder to write report.html, report.md, trials.csv and pareto.csv "
+                                      "(default: studies/STUDY/)")
+    report.set_defaults(run=cmd_report)
     return parser
 
 

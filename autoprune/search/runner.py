@@ -191,6 +191,8 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     front = pareto_front(study)
     log(format_front(front, baseline.metrics))
     log(f"study {study_name!r} lives in {storage}")
+    from ..report import write_report  # matplotlib is only needed here
+    log(f"report: {write_report(storage, study_name)}")
     infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)
     return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
 

@@ -1,0 +1,201 @@
+"""`autoprune report`: CSV, Markdown and a self-contained HTML page from a study, built here
+without running a search (trials are added to an Optuna study directly)."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import timm
+import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+import autoprune
+from autoprune.cli import main
+from autoprune.report import hypervolume_2d, hypervolume_history, patch_status, write_report
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
+SYNTHETIC = {"num_classes": 4, "train_size": 32, "val_size": 16, "test_size": 16, "image_size": 32, "seed": 0}
+RECIPE = {"epochs": 1.0, "batch_size": 16, "lr": 2e-4, "weight_decay": 0.05, "warmup": 0.1, "min_lr": 1e-6,
+          "clip_grad": 1.0, "label_smoothing": 0.0, "keep_rate_warmup": 0.0, "distill": "logits", "beta": 0.0,
+          "distill_temperature": 1.0, "sait_alternate": False, "seed": 0, "workers": 0}
+SETTINGS = {"budget": "75%", "model": {"name": "vit_tiny_patch16_224", "kwargs": TINY, "init": "scratch"},
+            "data": "synthetic", "synthetic": SYNTHETIC, "space": {"reducers": ["evit", "tome", "tps", "sait", "ppt"]},
+            "recipe": RECIPE, "baseline_recipe": {**RECIPE, "epochs": 2.0, "lr": 1e-3}, "seed": 0,
+            "early_stopping": False, "device": "cpu"}
+CHROMIUM = Path("/usr/bin/chromium")
+DISTRIBUTIONS = {"reducer": CategoricalDistribution(["evit", "tome", "tps", "sait", "ppt"]),
+                 "lr": FloatDistribution(1e-5, 1e-3, log=True)}
+
+
+def new_study(storage: str, name: str) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "maximize"])
+    study.set_user_attr("autoprune:settings", SETTINGS)
+    return study
+
+
+def add(study, budget, state=TrialState.COMPLETE, values=None, config=None, flops=None, lr=2e-4, **attrs):
+    """Add a finished trial as the search records it (`flops` measured, or predicted if not complete)."""
+    user_attrs = {key.replace("__", ":"): value for key, value in attrs.items()}
+    if config is not None:
+        user_attrs["prune_config"] = config.to_dict()
+        user_attrs.setdefault("autoprune:outcome", "complete")
+    constraints = None
+    if flops is not None:
+        user_attrs.setdefault("predicted_flops", flops * 1.001)
+        constraints = {"flops": flops / budget - 1}
+        if state == TrialState.COMPLETE:
+            user_attrs.update(flops=flops, params=1e5)
+    params, distributions = {}, {}
+    if state == TrialState.COMPLETE:
+        params, distributions = {"reducer": config.reducer, "lr": lr}, DISTRIBUTIONS
+        user_attrs.update(train_config={**RECIPE, "lr": lr}, throughput=values[1],
+                          speedup=values[1] / 800, accuracy=values[0])
+    study.add_trial(create_trial(state=state, values=values, params=params, distributions=distributions,
+                                 user_attrs=user_attrs, constraints=constraints))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A study with every kind of trial: complete (on and off the front, one measured over budget,
+    one whose checkpoint is gone), infeasible, failed, early-stopped."""
+    root = tmp_path_factory.mktemp("report")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, **TINY)
+    with torch.no_grad():  # sharpen attention a little, as training does, so scores differ
+        model.cls_token.normal_(std=0.5)
+    checkpoint = root / "trial.pt"
+    torch.save(model.state_dict(), checkpoint)
+    dense_flops = autoprune.predict_flops(model)
+    storage = f"sqlite:///{root / 'studies.db'}"
+    study = new_study(storage, "s")
+    study.set_user_attr("autoprune:dense", {"val": {"top1": 88.0}, "flops": dense_flops, "throughput": 800.0})
+    budget = 0.75 * dense_flops
+    cfg = autoprune.PruneConfig
+    ckpt = str(checkpoint)
+    add(study, budget, values=[80.0, 1000.0], config=cfg(reducer="evit", layers=(1, 2), keep_rate=0.6),
+        flops=0.6 * dense_flops, checkpoint_path=ckpt, test_accuracy=78.5, autoprune__warm_start="evit 0.6")
+    add(study, budget, values=[75.0, 1400.0], config=cfg(reducer="tome", r=2), flops=0.5 * dense_flops,
+        checkpoint_path=ckpt, test_accuracy=74.0, lr=5e-4)
+    add(study, budget, values=[70.0, 900.0], config=cfg(reducer="tps", layers=(1,), keep_rate=0.5),
+        flops=0.7 * dense_flops, checkpoint_path=ckpt, lr=1e-4)
+    add(study, budget, values=[85.0, 700.0], config=cfg(reducer="sait", layers=(1,), mass_threshold=0.7),
+        flops=0.72 * dense_flops, checkpoint_path=str(root / "gone.pt"), lr=3e-4)
+    add(study, budget, values=[90.0, 2000.0], config=cfg(reducer="ppt", layers=(1,), r=4), flops=0.9 * dense_flops,
+        checkpoint_path=ckpt, lr=6e-4)  # measured over budget: never on the front
+    add(study, budget, state=TrialState.PRUNED, config=cfg(reducer="evit", layers=(0,), keep_rate=0.95),
+        flops=1.2 * dense_flops, autoprune__outcome="infeasible")
+    add(study, budget, state=TrialState.FAIL, config=cfg(reducer="tps", layers=(1,), keep_rate=0.4),
+        autoprune__outcome="failed", autoprune__reason="non-finite loss at step 3", predicted_flops=dense_flops / 2)
+    add(study, budget, state=TrialState.PRUNED, config=cfg(reducer="tome", r=1), autoprune__outcome="stopped",
+        autoprune__reason="stopped early after epoch 1 (accuracy 40.00%)", predicted_flops=0.7 * dense_flops)
+    out = root / "out"
+    path = write_report(storage, "s", out_dir=out)
+    return root, storage, path
+
+
+def test_report_writes_tables_markdown_and_a_self_contained_page(built):
+    root, storage, path = built
+    out = path.parent
+    assert path.name == "report.html" and {p.name for p in out.iterdir()} >= {
+        "report.html", "report.md", "trials.csv", "pareto.csv"}
+    trials, front = pd.read_csv(out / "trials.csv"), pd.read_csv(out / "pareto.csv")
+    assert len(trials) == 8
+    assert sorted(front["number"]) == [0, 1, 3]  # tps is dominated, ppt measured over budget
+    assert set(trials["outcome"]) == {"complete", "infeasible", "failed", "stopped"}
+    assert trials.loc[trials["number"] == 6, "reason"].item() == "non-finite loss at step 3"
+
+    page = path.read_text()
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"""url\(\s*["']?(https?:)?//|@import|<script[^>]+src""", page, re.I)
+    assert page.count("data:image/svg+xml;base64,") >= 3  # two trade-off plots, hypervolume, importance
+    assert page.count('class="map"') == 3  # one entry per front config
+    assert page.count("data:image/png;base64,") == 2  # the third front config lost its checkpoint
+    assert "checkpoint missing" in page
+    assert "test top-1" in page and "78.50%" in page
+    assert "Parameter importance" in page
+
+    md = (out / "report.md").read_text()
+    assert "evit 0.6" in md and "Best warm start: evit 0.6" in md
+    assert "| 3 | sait |" in md and "test top-1" in md
+    # the report read a snapshot: the storage holds the same single study, untouched
+    assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 8
+
+
+def test_patch_status_tells_kept_merged_and_pruned_patches():
+    source = torch.tensor([[0, 0, 0, 0, 0],    # class token
+                           [1, 0, 0, 0, 0],    # patch 0 as itself
+                           [0, 1, 1, 0, 0],    # patches 1 and 2 merged
+                           [0, 0, 0, 0, 1.]])  # padding holding patch 4: dropped
+    valid = torch.tensor([True, True, True, False])
+    assert patch_status(source, valid).tolist() == [0, 1, 1, -1, -1]
+
+
+def test_hypervolume_of_a_two_objective_front():
+    assert hypervolume_2d([(80, 1000), (75, 1400), (70, 900)]) == 80 * 1000 + 75 * 400
+    assert hypervolume_2d([]) == 0.0
+
+
+def test_hypervolume_history_grows_with_feasible_trials(built):
+    _, storage, _ = built
+    from autoprune.report import trial_rows
+    rows = trial_rows(optuna.load_study(study_name="s", storage=storage))
+    history = dict(hypervolume_history(rows))
+    assert history[0] == 80 * 1000 and history[1] == 80 * 1000 + 75 * 400
+    assert history[4] == history[3]  # over budget: does not count
+
+
+def test_empty_and_all_failed_studies_get_a_report_that_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    new_study(storage, "empty")
+    page = write_report(storage, "empty", out_dir=tmp_path / "empty").read_text()
+    assert "no trials yet" in page
+    assert len(pd.read_csv(tmp_path / "empty" / "trials.csv")) == 0
+    assert len(pd.read_csv(tmp_path / "empty" / "pareto.csv")) == 0
+
+    study, budget = new_study(storage, "failed"), 1e6
+    add(study, budget, state=TrialState.FAIL, config=autoprune.PruneConfig(reducer="tome", r=2),
+        autoprune__outcome="failed", autoprune__reason="CUDA out of memory")
+    add(study, budget, state=TrialState.PRUNED, config=autoprune.PruneConfig(reducer="tome", r=1), flops=2e6,
+        autoprune__outcome="infeasible")
+    path = write_report(storage, "failed", out_dir=tmp_path / "failed")
+    page, md = path.read_text(), (tmp_path / "failed" / "report.md").read_text()
+    for text in (page, md):
+        assert "No trial has completed yet (1 failed, 1 infeasible)" in text
+    assert "CUDA out of memory" in page and "data:image/" not in page
+    assert len(pd.read_csv(tmp_path / "failed" / "pareto.csv")) == 0
+
+
+def test_cli_report(built, tmp_path, capsys):
+    _, storage, _ = built
+    assert main(["report", "--study", "s", "--storage", storage, "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "r" / "report.html")
+    assert main(["report", "--study", "nope", "--storage", storage]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
+    new_study(storage, "blank")
+    assert main(["report", "--study", "blank", "--storage", storage, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "has no trials yet" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install -y chromium) to "
+                                                  "render report.html headless")
+def test_report_renders_in_a_headless_browser(built, tmp_path):
+    from PIL import Image, ImageStat
+
+    _, _, path = built
+    shot = tmp_path / "shot.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1400,3000",
+                    path.resolve().as_uri()], check=True, capture_output=True, timeout=60)
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1400, 3000)
+    for band in (image.crop((0, 0, 1400, 200)), image.crop((0, 900, 1400, 2000))):  # header; plots
+        assert max(ImageStat.Stat(band).stddev) > 20  # not blank
+        assert len(band.getcolors(1 << 20) or range(1000)) > 50
