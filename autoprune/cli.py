@@ -143,7 +143,6 @@ def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     import torch
 
     from .search import SearchError, SearchSettings, search
-    from .train import TrainConfig
     from .trial import ModelSpec
 
     options = _search_options(args, parser)

@@ -9,7 +9,6 @@ is unchanged, so weights load into either form.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer

@@ -10,7 +10,6 @@ from autoprune.cli import main
 from autoprune.data import load_datasets, model_data_config
 from autoprune.export import pick_trial
 from autoprune.search import search
-from autoprune.search.runner import pareto_front
 from autoprune.train import evaluate
 from test_search import SYNTHETIC, tiny_settings
 

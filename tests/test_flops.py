@@ -2,7 +2,6 @@
 
 import pytest
 import timm
-import torch
 
 from autoprune import ConfigError, PruneConfig, apply, count_flops, predict_flops
 from conftest import VARIANTS, make_model

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 
 from autoprune.cli import main
 from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings, search
-from autoprune.search.searcher import OUTCOME, REASON, WARM_START, finished_count
+from autoprune.search.searcher import OUTCOME, REASON, WARM_START
 from autoprune.search.storage import StudyLease, open_storage
 from autoprune.train import TrainConfig
 from autoprune.trial import ModelSpec

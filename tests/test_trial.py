@@ -1,10 +1,8 @@
 """Dense baseline (built once, cached) and trials, end to end on a tiny ViT and tiny synthetic data."""
 
 import json
-import time
 
 import pytest
-import timm
 import torch
 
 from autoprune import PruneConfig
@@ -37,7 +35,6 @@ def test_baseline_records_the_reference_measurements(baseline):
 
 def test_baseline_is_trained_once_then_read_from_the_cache(baseline, datasets):
     logged = []
-    started = time.perf_counter()
     again = dense_baseline(SPEC, datasets, "synthetic", RECIPE, SYNTHETIC,
                            cache_dir=baseline.path.parent, log=logged.append)
     assert not logged and again.path == baseline.path and again.metrics == baseline.metrics

@@ -7,7 +7,6 @@ them (`NEEDS_PROBS`). Every score is returned for the non-prefix tokens only, [B
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 NEEDS_PROBS = frozenset({"tis", "entropy", "mean"})

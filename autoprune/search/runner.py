@@ -27,7 +27,7 @@ from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
-from .budget import Budget, BudgetError, format_flops, parse_budget
+from .budget import BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, OUTCOME, WARM_START, Progress, StudySearcher, finished_count,
                        recover_interrupted)
 from .space import Candidate, SearchSpace
@@ -112,7 +112,6 @@ def search(
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
     existing = _find_study(optuna_storage, study_name)
-    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     dense_flops = predict_flops(probe)
     budget_flops = budget.resolve(dense_flops)
     floor = cheapest_flops(space, probe)
@@ -232,7 +231,6 @@ def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
 
 def _extremes(space: SearchSpace, depth: int, patches: int):
     """Candidates at the low end of every range (earliest layers, lowest keep rates, most r)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     for reducer in space.reducer_choices:
         trial = _ExtremeTrial(reducer)
         try:
@@ -269,12 +267,10 @@ class _ExtremeTrial:
         return choices[0]
 
 
-WARM_START_LAYERS = (0.25, 0.25)  # EViT's blocks 4/7/10 of 12: first 3/12, spacing 3/12
-
-
 def warm_start_candidates(model: torch.nn.Module, budget: float, flops_of: Callable[[Candidate], float]) -> dict[str, Candidate]:
     """The hand-designed configs of the papers, scaled to the model, that fit the budget."""
     depth, patches = len(model.blocks), model.patch_embed.num_patches
+    # EViT's blocks 4/7/10 of 12 (indices 3, 6, 9) scaled to the depth
     layers = tuple(sorted({min(depth - 1, round(depth * 0.25 * k)) for k in (1, 2, 3)}))
     sait_layer = (min(depth - 1, round(depth * 0.25)),)
     found: dict[str, Candidate] = {}
