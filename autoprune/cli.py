@@ -145,6 +145,9 @@ def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     from .search import SearchError, SearchSettings, search
     from .trial import ModelSpec
 
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # autoprune prints its own progress
     options = _search_options(args, parser)
     if options["pretrained"] and options["checkpoint"]:
         raise UsageError("--pretrained and --checkpoint exclude each other")
