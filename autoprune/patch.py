@@ -53,11 +53,11 @@ class TokenReducer(nn.Module):
         cfg, n = self.cfg, tokens.count
         keep_rate, r, mass = self.amount()
         if cfg.reducer == "tome":
-            return reducers.tome(tokens, k.mean(dim=1)[:, tokens.prefix:], merge_count(n, keep_rate, r))
+            return reducers.tome(tokens, _key_metric(k, tokens), merge_count(n, keep_rate, r))
         scores = reducers.token_scores(cfg.score, tokens.prefix, q, k, v, scale, bias, probs)
         if cfg.reducer == "ppt":
-            metric = k.mean(dim=1)[:, tokens.prefix:]
-            return reducers.ppt(tokens, scores, metric, merge_count(n, keep_rate, r), cfg.tau, cfg.tau_mode)
+            return reducers.ppt(tokens, scores, _key_metric(k, tokens), merge_count(n, keep_rate, r),
+                                cfg.tau, cfg.tau_mode)
         if mass is not None:
             return reducers.sait_mass(tokens, scores, mass)
         keep = keep_count(n, keep_rate, r)
@@ -67,9 +67,13 @@ class TokenReducer(nn.Module):
             return reducers.tps(tokens, scores, keep, cfg.temperature)
         if cfg.reducer == "bat":
             pairs, clusters = bat_counts(n, keep, cfg.clusters, cfg.pairs)
-            metric = k.mean(dim=1)[:, tokens.prefix:]
-            return reducers.bat(tokens, scores, metric, keep, clusters, cfg.knn, pairs)
+            return reducers.bat(tokens, scores, _key_metric(k, tokens), keep, clusters, cfg.knn, pairs)
         return reducers.sait(tokens, scores, keep)
+
+
+def _key_metric(k: Tensor, tokens: Tokens) -> Tensor:
+    """ToMe's similarity metric: keys averaged over heads, non-prefix tokens only."""
+    return k.mean(dim=1)[:, tokens.prefix:]
 
 
 def attention_parts(attn: Attention, x: Tensor, bias: Tensor | None, need_probs: bool):

@@ -22,7 +22,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import Tensor, nn
 
 from .data import make_loader
-from .patch import TokenReducer, set_strength
+from .patch import ReducedVisionTransformer, TokenReducer, set_strength
 from .reducers import cls_attention
 
 DISTILL_KINDS = ("logits", "tis", "features")
@@ -151,11 +151,11 @@ def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> 
 def feature_distillation(student: nn.Module, student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """MSE of the CLS token and of every retained token against the teacher's features of the
     patches it holds (size-weighted mean over its sources), padding excluded."""
-    tokens = student.final_tokens if hasattr(student, "final_tokens") else None
     prefix = student.num_prefix_tokens
     cls_loss = F.mse_loss(student_features[:, :prefix], teacher_features[:, :prefix])
-    if tokens is None:  # dense student: token j is patch j
+    if not isinstance(student, ReducedVisionTransformer):  # dense student: token j is patch j
         return cls_loss + F.mse_loss(student_features[:, prefix:], teacher_features[:, prefix:])
+    tokens = student.final_tokens
     source = tokens.source[:, prefix:]
     target = source @ teacher_features[:, prefix:].float() / tokens.size[:, prefix:, None]
     error = (student_features[:, prefix:].float() - target).square().mean(dim=-1)
@@ -207,13 +207,14 @@ def fine_tune(
                                   warmup_t=round(cfg.warmup * total_steps), warmup_lr_init=cfg.lr * 1e-3,
                                   t_in_epochs=False)
     capture = _Capture()
+    tracks_sources = distilling and cfg.distill == "features" and isinstance(model, ReducedVisionTransformer)
     if distilling:
         teacher.eval()
         if cfg.distill == "tis":
             capture.hook(reducing[0], "student_probs", lambda mod, args, out: args[6])
             _last_block_cls_attention(teacher, capture)
-        if cfg.distill == "features":
-            model.track_source = hasattr(model, "prune_config")
+        if tracks_sources:
+            model.track_source = True
     records: list[EpochRecord] = []
     step, epoch = 0, 0
     try:
@@ -248,7 +249,7 @@ def fine_tune(
     finally:
         capture.remove()
         set_strength(model, 1.0)
-        if distilling and cfg.distill == "features" and hasattr(model, "track_source"):
+        if tracks_sources:
             model.track_source = False
     return records
 

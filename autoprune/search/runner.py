@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -385,11 +386,11 @@ def _check_same_settings(study: optuna.Study, name: str, requested: dict[str, An
 
 def _find_study(storage, name: str):
     try:
-        return storage.get_study_id_from_name(name) and optuna.load_study(study_name=name, storage=storage)
+        storage.get_study_id_from_name(name)
     except KeyError:
         return None
+    return optuna.load_study(study_name=name, storage=storage)
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    import json
     return json.loads(json.dumps(record, default=str))
