@@ -156,7 +156,9 @@ def trial_rows(study: optuna.Study, recipe: dict | None = None) -> list[Row]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        outcome = attrs.get(OUTCOME) or _STATE_OUTCOME.get(trial.state, trial.state.name.lower())
+        # a live trial's outcome may be written an instant before its state: the state wins
+        outcome = ((attrs.get(OUTCOME) if trial.state.is_finished() else None)
+                   or _STATE_OUTCOME.get(trial.state, trial.state.name.lower()))
         reducer, layers, settings, label = _describe(attrs.get("prune_config"))
         if not reducer:
             reducer = str(trial.params.get("reducer", ""))

@@ -139,7 +139,8 @@ def test_kill_9_mid_trial_then_resume(workdir):
                 continue
             states = [(t.number, t.user_attrs.get(OUTCOME), t.state) for t in study.trials]
             complete_before = [n for n, outcome, _ in states if outcome == "complete"]
-            if complete_before and any(state == optuna.trial.TrialState.RUNNING for _, _, state in states):
+            if complete_before and any(state == optuna.trial.TrialState.RUNNING and outcome is None
+                                       for _, outcome, state in states):
                 break
         else:
             pytest.fail("the search never had a finished and a running trial at once")
@@ -227,3 +228,34 @@ def test_unreachable_pretrained_weights_exit_2(workdir, capsys, monkeypatch):
                  "--model-kwargs", "img_size=32,patch_size=8,depth=2", "--storage", storage_url(workdir)])
     assert code == 2
     assert "pretrained weights for deit_tiny_patch16_224 could not be loaded" in capsys.readouterr().err
+
+
+def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
+    """A search killed after writing a trial's outcome but before its state: the trial gets the
+    state its outcome stands for (a finished trial is never lost); one with no outcome is re-run."""
+    from autoprune.search.searcher import RETRY_OF, recover_interrupted
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    states = optuna.trial.TrialState
+    written = {
+        "complete": {"accuracy": 91.5, "throughput": 1200.0, OUTCOME: "complete"},
+        "failed": {REASON: "loss became nan", OUTCOME: "failed"},
+        "stopped": {REASON: "stopped early after epoch 1", OUTCOME: "stopped"},
+        "infeasible": {OUTCOME: "infeasible"},
+        "training": {},
+    }
+    numbers = {}
+    for name, attrs in written.items():
+        trial = study.ask({"keep_rate": optuna.distributions.FloatDistribution(0.5, 1.0)})
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        numbers[name] = trial.number
+    assert recover_interrupted(study) == [numbers["training"]]
+    trials = study.get_trials()
+    by_name = {name: trials[number] for name, number in numbers.items()}
+    assert by_name["complete"].state == states.COMPLETE and by_name["complete"].values == [91.5, 1200.0]
+    assert by_name["failed"].state == states.FAIL and by_name["failed"].user_attrs[REASON] == "loss became nan"
+    assert by_name["stopped"].state == states.PRUNED and by_name["infeasible"].state == states.PRUNED
+    assert by_name["training"].state == states.FAIL and by_name["training"].user_attrs[OUTCOME] == "interrupted"
+    retry = trials[-1]
+    assert retry.state == states.WAITING and retry.user_attrs[RETRY_OF] == numbers["training"]
+    assert retry.system_attrs["fixed_params"] == by_name["training"].params  # enqueued, not yet sampled

@@ -37,14 +37,26 @@ def finished_count(study: optuna.Study) -> int:
     return sum(outcome_of(t) in FINISHED_OUTCOMES for t in study.get_trials(deepcopy=False))
 
 
+# The state each outcome ends in. The outcome (and everything it reports) is written before the
+# state, so a search killed between the two leaves a RUNNING trial whose outcome says how it ended.
+OUTCOME_STATES = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL,
+                  "stopped": TrialState.PRUNED, "infeasible": TrialState.PRUNED}
+
+
 def recover_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials left RUNNING by a dead search FAIL (reason kept) and enqueue their params
-    again, so that they are re-run; return their numbers."""
+    """Settle trials left RUNNING by a dead search: one whose outcome was already written gets
+    the state it was about to get; the others are marked FAIL (reason kept) and their params
+    enqueued again, so that they are re-run. Return the numbers of the re-run ones."""
     recovered = []
     storage = study._storage
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(trial._trial_id, OUTCOME, "interrupted")
+        outcome = outcome_of(trial)
+        if outcome in OUTCOME_STATES:
+            values = [trial.user_attrs[name] for name in OBJECTIVES] if outcome == "complete" else None
+            storage.set_trial_state_values(trial._trial_id, OUTCOME_STATES[outcome], values)
+            continue
         storage.set_trial_user_attr(trial._trial_id, REASON, "the search driving this trial stopped before it finished")
+        storage.set_trial_user_attr(trial._trial_id, OUTCOME, "interrupted")
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
         study.enqueue_trial(trial.params, user_attrs={**attrs, RETRY_OF: trial.number})
@@ -128,11 +140,10 @@ class StudySearcher(Searcher):
             if flops <= self.budget:
                 break
             self.infeasible += 1
-            trial.set_user_attr(OUTCOME, "infeasible")
             trial.set_user_attr("prune_config", candidate.prune.to_dict())
             trial.set_user_attr("predicted_flops", flops)
             trial.set_constraint("flops", flops / self.budget - 1)
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self._end(trial, "infeasible")
         else:
             self.exhausted = (f"no config within budget among {self.max_proposals} proposals in a row; "
                               "the space barely reaches the budget: raise it or widen the space")
@@ -172,10 +183,8 @@ class StudySearcher(Searcher):
             self.progress.line(self.study, trial.number, f"{label} FAILED: {result[FAILED]}")
             return
         if not result.get(FINAL):
-            trial.set_user_attr(OUTCOME, "stopped")
-            trial.set_user_attr(REASON, f"stopped early after epoch {result.get('epoch', '?')} "
-                                        f"(accuracy {result.get('accuracy', float('nan')):.2f}%)")
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self._end(trial, "stopped", reason=f"stopped early after epoch {result.get('epoch', '?')} "
+                                               f"(accuracy {result.get('accuracy', float('nan')):.2f}%)")
             self.progress.line(self.study, trial.number, f"{label} stopped early")
             return
         values = [result.get(name) for name in OBJECTIVES]
@@ -186,16 +195,24 @@ class StudySearcher(Searcher):
         for key in ("flops", "flops_std", "params", "throughput", "dense_throughput", "speedup", "accuracy",
                     "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id"):
             trial.set_user_attr(key, result.get(key))
-        trial.set_user_attr(OUTCOME, "complete")
         trial.set_constraint("flops", result["flops"] / self.budget - 1)
-        self.study.tell(trial, values)
+        self._end(trial, "complete", values=values)
         self.progress.line(self.study, trial.number,
                            f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {result['speedup']:.2f}x")
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
-        trial.set_user_attr(OUTCOME, "failed")
-        trial.set_user_attr(REASON, reason)
-        self.study.tell(trial, state=TrialState.FAIL)
+        self._end(trial, "failed", reason=reason)
+
+    def _end(self, trial: optuna.Trial, outcome: str, values: list[float] | None = None,
+             reason: str | None = None) -> None:
+        """Outcome last before the state: `recover_interrupted` relies on this order."""
+        if reason is not None:
+            trial.set_user_attr(REASON, reason)
+        trial.set_user_attr(OUTCOME, outcome)
+        if values is None:
+            self.study.tell(trial, state=OUTCOME_STATES[outcome])
+        else:
+            self.study.tell(trial, values)
 
 
 def _label(trial) -> str:
