@@ -138,6 +138,7 @@ def dense_baseline(
                 return load_baseline(folder, spec, device)
             except Exception as error:  # a damaged cache is rebuilt, not trusted
                 log(f"the cached baseline in {folder} is unreadable ({type(error).__name__}); training it again")
+        seed_everything(recipe.seed)  # the random init too: the cache key promises one model per key
         model = spec.create(datasets.num_classes).to(device)
         log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
         started = time.perf_counter()

@@ -46,6 +46,15 @@ def test_baseline_is_trained_once_then_read_from_the_cache(baseline, datasets):
     assert other.path != baseline.path and logged
 
 
+def test_baseline_does_not_depend_on_what_ran_before(baseline, datasets, tmp_path):
+    """One model per cache key: the random init is seeded by the recipe, not by the caller's RNG."""
+    torch.manual_seed(12345)
+    torch.rand(1000)
+    rebuilt = dense_baseline(SPEC, datasets, "synthetic", RECIPE, SYNTHETIC, cache_dir=tmp_path, log=lambda line: None)
+    for key, value in baseline.model.state_dict().items():
+        assert torch.equal(rebuilt.model.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("cfg, recipe", [
     (PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5), RECIPE),
     (PruneConfig(reducer="tome", r=4), TrainConfig(epochs=0.5, batch_size=16, workers=0, beta=1.0, distill="features")),
