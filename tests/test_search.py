@@ -91,6 +91,19 @@ def test_failing_trials_end_fail_with_their_reason_and_the_study_goes_on(ray_ses
     assert all(t.state == optuna.trial.TrialState.FAIL and "loss became nan" in t.user_attrs[REASON] for t in failed)
 
 
+def test_failing_trials_under_early_stopping_do_not_stop_the_search(ray_session, workdir):
+    """A failure report carries no accuracy; the ASHA scheduler must not abort the run over it."""
+    space = workdir / "explode.yaml"
+    space.write_text("reducers: [tome]\ntome: {r: [0.1, 0.2]}\ntrain: {lr: [1.0e+6, 1.0e+7]}\n")
+    settings = tiny_settings(space=str(space), recipe=TrainConfig(epochs=2, batch_size=16, workers=0),
+                             early_stopping=True)
+    result = search(settings, trials=2, study_name="nan-asha", storage=storage_url(workdir), log=lambda line: None)
+    study = optuna.load_study(study_name="nan-asha", storage=storage_url(workdir))
+    failed = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "failed"]
+    assert result.finished == len(failed) == 2
+    assert all(t.state == optuna.trial.TrialState.FAIL and "loss became nan" in t.user_attrs[REASON] for t in failed)
+
+
 def test_an_exception_inside_a_trial_is_recorded(ray_session, workdir):
     """A trial that cannot write its checkpoint (a file where its folder should be) fails with the
     reason, and the search goes on to the requested count."""
