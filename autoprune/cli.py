@@ -217,7 +217,7 @@ def _study(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from .search.results import DENSE_ATTR
+    from .study_attrs import DENSE_ATTR
     from .search.runner import format_front, pareto_front
 
     study = _study(args)

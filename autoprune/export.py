@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from .config import PruneConfig
 from .patch import apply
+from .study_attrs import OUTCOME, REASON, SETTINGS_ATTR
 
 MANIFEST = "autoprune.json"
 WEIGHTS = "weights.pt"
@@ -67,15 +69,14 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str 
     """Write `trial`'s fine-tuned model to `out` (refusing an existing folder unless `force`)."""
     out = Path(out)
     if trial.state != optuna.trial.TrialState.COMPLETE:
-        reason = trial.user_attrs.get("autoprune:reason") or trial.user_attrs.get("autoprune:outcome") or "not run yet"
+        reason = trial.user_attrs.get(REASON) or trial.user_attrs.get(OUTCOME) or "not run yet"
         raise ExportError(f"trial {trial.number} did not finish ({trial.state.name}: {reason}); only complete trials "
                           "can be exported")
     checkpoint = Path(trial.user_attrs.get("checkpoint_path") or "")
     if not checkpoint.is_file():
         raise ExportError(f"trial {trial.number}'s weights are missing ({str(checkpoint)!r}); was studies/ moved?")
-    if out.exists() and not force:
-        raise ExportError(f"--out: {str(out)!r} exists; choose another folder or pass --force to overwrite it")
-    settings = study.user_attrs.get("autoprune:settings", {})
+    _check_writable(out, force)
+    settings = study.user_attrs.get(SETTINGS_ATTR, {})
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     manifest: dict[str, Any] = {
         "model": settings["model"]["name"],
@@ -89,9 +90,34 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str 
                     ("accuracy", "top5", "test_accuracy", "flops", "params", "throughput", "speedup")},
         "train_config": trial.user_attrs.get("train_config"),
     }
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    shutil.copyfile(checkpoint, out / WEIGHTS)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    # written beside `out` and swapped in whole: a failed export leaves no half folder, and an
+    # earlier export is replaced only once the new one is complete
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            shutil.copyfile(checkpoint, staging / WEIGHTS)
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        raise ExportError(f"--out: {str(out)!r} cannot be written ({error.strerror or error})") from None
     return out
+
+
+def _check_writable(out: Path, force: bool) -> None:
+    """`--force` replaces an earlier export or an empty folder, never anything else."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir() or out.is_symlink():
+        raise ExportError(f"--out: {str(out)!r} exists and is not a folder; choose a folder path")
+    earlier_export = (out / MANIFEST).is_file() and set(p.name for p in out.iterdir()) <= {MANIFEST, WEIGHTS}
+    if earlier_export or not any(out.iterdir()):
+        if not force:
+            raise ExportError(f"--out: {str(out)!r} exists; choose another folder or pass --force to overwrite it")
+        return
+    raise ExportError(f"--out: {str(out)!r} holds other files than an earlier export; "
+                      "choose a new or empty folder (--force only replaces an earlier export)")

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 
 from autoprune.search import SearchSettings, search
-from autoprune.search.searcher import OUTCOME
+from autoprune.study_attrs import OUTCOME
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 
 from autoprune.search import SearchSettings, search
-from autoprune.search.searcher import OUTCOME, WARM_START
+from autoprune.study_attrs import OUTCOME, WARM_START
 
 
 def main() -> None:

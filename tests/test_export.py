@@ -49,6 +49,14 @@ def test_export_refuses_what_it_cannot_do(finished, tmp_path, capsys):
     assert main(["export", "--study", "done", "--storage", storage, "--out", str(out)]) == 2
     assert "exists; choose another folder or pass --force" in capsys.readouterr().err
     assert main(["export", "--study", "done", "--storage", storage, "--out", str(out), "--force"]) == 0
+    assert main(["export", "--study", "done", "--storage", storage, "--out", str(out), "--force"]) == 0  # replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing staged is left behind
+    # --force never deletes a folder that is not an earlier export, such as the study's own
+    database = workdir / "studies.db"
+    assert main(["export", "--study", "done", "--storage", storage, "--out", str(workdir), "--force"]) == 2
+    assert "holds other files than an earlier export" in capsys.readouterr().err and database.is_file()
+    assert main(["export", "--study", "done", "--storage", storage, "--out", str(database), "--force"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and database.is_file()
     study = optuna.load_study(study_name="done", storage=storage)
     study.enqueue_trial({"reducer": "tome"})  # queued, never run
     unfinished = study.trials[-1]

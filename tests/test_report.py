@@ -15,6 +15,7 @@ from optuna.trial import TrialState, create_trial
 
 import autoprune
 from autoprune.cli import main
+from autoprune.study_attrs import DENSE_ATTR, OUTCOME, SETTINGS_ATTR
 from autoprune.report import hypervolume_2d, hypervolume_history, patch_status, write_report
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
@@ -34,7 +35,7 @@ DISTRIBUTIONS = {"reducer": CategoricalDistribution(["evit", "tome", "tps", "sai
 def new_study(storage: str, name: str) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name=name, directions=["maximize", "maximize"])
-    study.set_user_attr("autoprune:settings", SETTINGS)
+    study.set_user_attr(SETTINGS_ATTR, SETTINGS)
     return study
 
 
@@ -43,7 +44,7 @@ def add(study, budget, state=TrialState.COMPLETE, values=None, config=None, flop
     user_attrs = {key.replace("__", ":"): value for key, value in attrs.items()}
     if config is not None:
         user_attrs["prune_config"] = config.to_dict()
-        user_attrs.setdefault("autoprune:outcome", "complete")
+        user_attrs.setdefault(OUTCOME, "complete")
     constraints = None
     if flops is not None:
         user_attrs.setdefault("predicted_flops", flops * 1.001)
@@ -73,7 +74,7 @@ def built(tmp_path_factory):
     dense_flops = autoprune.predict_flops(model)
     storage = f"sqlite:///{root / 'studies.db'}"
     study = new_study(storage, "s")
-    study.set_user_attr("autoprune:dense", {"val": {"top1": 88.0}, "flops": dense_flops, "throughput": 800.0})
+    study.set_user_attr(DENSE_ATTR, {"val": {"top1": 88.0}, "flops": dense_flops, "throughput": 800.0})
     budget = 0.75 * dense_flops
     cfg = autoprune.PruneConfig
     ckpt = str(checkpoint)

@@ -15,7 +15,7 @@ import pytest
 from autoprune.cli import main
 from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings, search
-from autoprune.search.searcher import OUTCOME, REASON, WARM_START
+from autoprune.study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
 from autoprune.search.storage import StudyLease, open_storage
 from autoprune.train import TrainConfig
 from autoprune.trial import ModelSpec
@@ -166,10 +166,10 @@ def test_kill_9_mid_trial_then_resume(workdir):
     assert result.finished == 3 and outcomes.count("complete") + outcomes.count("failed") + outcomes.count("stopped") == 3
     assert "interrupted" in outcomes and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert all(study.trials[n].user_attrs[OUTCOME] == "complete" for n in complete_before)
-    retried = [t for t in study.trials if "autoprune:retry_of" in t.user_attrs]
+    retried = [t for t in study.trials if RETRY_OF in t.user_attrs]
     interrupted = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "interrupted"]
-    assert [t.user_attrs["autoprune:retry_of"] for t in retried] == [t.number for t in interrupted]
-    assert all(t.params == study.trials[t.user_attrs["autoprune:retry_of"]].params for t in retried)
+    assert [t.user_attrs[RETRY_OF] for t in retried] == [t.number for t in interrupted]
+    assert all(t.params == study.trials[t.user_attrs[RETRY_OF]].params for t in retried)
 
 
 def test_two_node_cluster_runs_trials_on_both_nodes(workdir):
@@ -246,7 +246,7 @@ def test_unreachable_pretrained_weights_exit_2(workdir, capsys, monkeypatch):
 def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
     """A search killed after writing a trial's outcome but before its state: the trial gets the
     state its outcome stands for (a finished trial is never lost); one with no outcome is re-run."""
-    from autoprune.search.searcher import RETRY_OF, recover_interrupted
+    from autoprune.search.searcher import recover_interrupted
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     states = optuna.trial.TrialState
     written = {

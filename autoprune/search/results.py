@@ -6,10 +6,9 @@ from typing import Any
 
 import optuna
 
-from .searcher import OUTCOME, best_feasible, finished_count
+from ..study_attrs import OUTCOME, SETTINGS_ATTR
+from .searcher import best_feasible, finished_count
 from .storage import open_storage
-
-DENSE_ATTR = "autoprune:dense"
 
 
 class StudyNotFound(ValueError):
@@ -31,7 +30,7 @@ def study_rows(storage_url: str) -> list[dict[str, Any]]:
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        settings = study.user_attrs.get("autoprune:settings", {})
+        settings = study.user_attrs.get(SETTINGS_ATTR, {})
         best = best_feasible(study) if len(study.directions) == 2 else None
         rows.append({
             "study": summary.study_name,

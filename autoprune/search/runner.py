@@ -28,15 +28,14 @@ from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
+from ..study_attrs import DENSE_ATTR, OUTCOME, SETTINGS_ATTR, WARM_START, WARM_STARTED_ATTR
 from .budget import BudgetError, format_flops, parse_budget
-from .searcher import (OBJECTIVES, OUTCOME, WARM_START, Progress, StudySearcher, finished_count,
+from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count,
                        recover_interrupted)
 from .space import Candidate, SearchSpace
 from .storage import DEFAULT_STORAGE, StorageError, StudyLease, open_storage, settings_diff
 from .trainable import run_search_trial
 
-SETTINGS_ATTR = "autoprune:settings"
-WARM_STARTED_ATTR = "autoprune:warm_started"
 
 
 class SearchError(ValueError):
@@ -141,7 +140,7 @@ def search(
                                       settings.synthetic, device=settings.device, log=log)
         except BaselineError as error:
             raise SearchError(str(error)) from None
-        study.set_user_attr("autoprune:dense", {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
+        study.set_user_attr(DENSE_ATTR, {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
         return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,

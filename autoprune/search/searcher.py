@@ -17,14 +17,11 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from ..config import PruneConfig
+from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
 from .space import Candidate, SearchSpace
 from .trainable import FAILED, FINAL
 
 OBJECTIVES = ("accuracy", "throughput")
-OUTCOME = "autoprune:outcome"      # complete | failed | stopped | infeasible | interrupted
-REASON = "autoprune:reason"
-WARM_START = "autoprune:warm_start"
-RETRY_OF = "autoprune:retry_of"
 FINISHED_OUTCOMES = ("complete", "failed", "stopped")
 
 

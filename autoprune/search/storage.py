@@ -29,6 +29,8 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
+from ..study_attrs import LEASE_KEY
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///studies/autoprune.db"
@@ -38,7 +40,6 @@ ACCEPTED_FILE = "a new file or an existing Optuna study database"
 SQLITE_TIMEOUT = 30  # seconds a connection waits on a locked SQLite file instead of failing
 OPTUNA_TABLES = frozenset({"studies", "trials", "version_info"})  # present in every Optuna schema
 SQLITE_MAGIC = b"SQLite format 3\x00"
-LEASE_KEY = "autoprune:lease"
 
 
 class StorageError(ValueError):

@@ -1,0 +1,15 @@
+"""The attribute names autoprune keeps in an Optuna study and its trials: the study's record format,
+shared by the search that writes it and the reports, listings and exports that read it."""
+
+# study user attributes
+SETTINGS_ATTR = "autoprune:settings"        # what defines the study (compared on resume)
+DENSE_ATTR = "autoprune:dense"              # the dense baseline's val accuracy, FLOPs, throughput
+WARM_STARTED_ATTR = "autoprune:warm_started"
+# study system attribute
+LEASE_KEY = "autoprune:lease"               # which search drives the study now
+
+# trial user attributes
+OUTCOME = "autoprune:outcome"               # complete | failed | stopped | infeasible | interrupted
+REASON = "autoprune:reason"
+WARM_START = "autoprune:warm_start"         # the hand-designed config this trial measures
+RETRY_OF = "autoprune:retry_of"             # the interrupted trial this one re-runs
