@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from .config import ConfigError, PruneConfig
+from .study_attrs import DEFAULT_STORAGE
 
 DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
     "evit 0.7": PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7),
@@ -112,7 +113,7 @@ SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes o
 }
 
 
-def _search_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+def _search_options(args: argparse.Namespace) -> dict:
     """Options from --config (a YAML file) overridden by the flags given on the command line."""
     options = {}
     if args.config:
@@ -127,17 +128,57 @@ def _search_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -
             if name not in SEARCH_KEYS:
                 raise UsageError(f"--config {args.config}: unknown option {key!r}; accepted: {', '.join(sorted(SEARCH_KEYS))}")
             options[name] = value
-    defaults = {action.dest: action.default for action in parser._actions}
-    for name in SEARCH_KEYS:
-        value = getattr(args, name)
-        if value != defaults.get(name) or name not in options:
-            options[name] = value
+    for name in SEARCH_KEYS:  # every search flag defaults to None: given means given, even if it equals the default
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    options = {**dict.fromkeys(SEARCH_KEYS), **SEARCH_DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if options["budget"] is None:
         raise UsageError("--budget is required (e.g. --budget 2.6GFLOPs or --budget 60%)")
+    return _checked(options)
+
+
+SEARCH_DEFAULTS = {"preset": "deit_small", "trials": 32, "storage": DEFAULT_STORAGE, "concurrency": 1}
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _checked(options: dict) -> dict:
+    """The merged options with their types and ranges checked, whether they came from flags or YAML."""
+    def number(name: str, kind: type, low: float, accepted: str):
+        value = options.get(name)
+        if value is None:
+            return
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            converted = kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"--{name.replace('_', '-')}: {value!r} is invalid; accepted: {accepted}") from None
+        if converted < low or (name == "seed" and converted > SEED_RANGE[1]):
+            raise UsageError(f"--{name.replace('_', '-')}: {value!r} is invalid; accepted: {accepted}")
+        options[name] = converted
+
+    number("trials", int, 1, "a positive integer")
+    number("concurrency", int, 1, "a positive integer")
+    number("cpus_per_trial", int, 1, "a positive integer")
+    number("gpus_per_trial", float, 0, "a number >= 0 (fractions share a GPU)")
+    number("epochs", float, 1e-9, "a positive number (fractions allowed)")
+    number("seed", int, SEED_RANGE[0], f"an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    for name in ("pretrained", "early_stopping"):
+        if options[name] is not None and not isinstance(options[name], bool):
+            raise UsageError(f"--config: {name}: {options[name]!r} is invalid; accepted: true or false")
+    for name in ("budget", "preset", "model", "checkpoint", "data", "space", "study", "storage", "address"):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+            raise UsageError(f"--config: {name}: {value!r} is invalid; accepted: a single value (text)")
+        if value is not None:
+            options[name] = str(value)
+    kwargs = options.get("model_kwargs")
+    if kwargs is not None and not isinstance(kwargs, (str, dict)):
+        raise UsageError(f"--config: model_kwargs: {kwargs!r} is invalid; accepted: a mapping or name=value,...")
     return options
 
 
-def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def cmd_search(args: argparse.Namespace) -> None:
     import dataclasses
 
     import torch
@@ -148,7 +189,7 @@ def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # autoprune prints its own progress
-    options = _search_options(args, parser)
+    options = _search_options(args)
     if options["pretrained"] and options["checkpoint"]:
         raise UsageError("--pretrained and --checkpoint exclude each other")
     gpus = options["gpus_per_trial"]
@@ -170,10 +211,7 @@ def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         model = dataclasses.replace(model, init=str(options["checkpoint"]))
     recipe = settings.recipe
     if options["epochs"] is not None:
-        try:
-            recipe = dataclasses.replace(recipe, epochs=float(options["epochs"]))
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"--epochs: {error}") from None
+        recipe = dataclasses.replace(recipe, epochs=options["epochs"])
     changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
     settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu",
                                    early_stopping=bool(options["early_stopping"]), **changes)
@@ -182,23 +220,23 @@ def cmd_search(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
           f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
           f"early stopping {'on' if settings.early_stopping else 'off'}")
     try:
-        search(settings, trials=int(options["trials"]), study_name=options["study"], storage=options["storage"],
+        search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
                address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
-               concurrency=int(options["concurrency"]))
+               concurrency=options["concurrency"])
     except SearchError as error:
         raise UsageError(str(error)) from None
 
 
 def cmd_studies(args: argparse.Namespace) -> None:
     from .search.results import study_rows
-    from .search.storage import StorageError
+    from .search.storage import StorageError, shown_url
 
     try:
         rows = study_rows(args.storage)
     except StorageError as error:
         raise UsageError(str(error)) from None
     if not rows:
-        print(f"no studies in {args.storage}")
+        print(f"no studies in {shown_url(args.storage)}")
         return
     print(f"{'study':<28} {'model':<24} {'budget':>9} {'data':<14} {'finished':>8} {'trials':>6}  best within budget")
     for row in rows:
@@ -297,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--budget", help="FLOPs per image: 2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9, or 56%% of dense (required)")
     search.add_argument("--config", help="YAML file of these options (flags given here override it), "
                                          "e.g. examples/quickstart.yaml")
-    search.add_argument("--preset", default="deit_small", help="model, data and recipes to start from: "
-                        "deit_small (GPU) or quickstart (CPU) (default: %(default)s)")
+    search.add_argument("--preset", help="model, data and recipes to start from: "
+                        "deit_small (GPU) or quickstart (CPU) (default: deit_small)")
     search.add_argument("--model", help="timm ViT name (default: the preset's)")
     search.add_argument("--model-kwargs", help="timm create_model kwargs, e.g. img_size=64,patch_size=8")
     weights = search.add_mutually_exclusive_group()
@@ -307,34 +345,33 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--data", help="synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH (default: synthetic)")
     search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
                         "(default, evit_tome, sait; default: default)")
-    search.add_argument("--trials", type=int, default=32, help="finished trials to reach (default: %(default)s)")
+    search.add_argument("--trials", type=int, help="finished trials to reach (default: 32)")
     search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed (default: the preset's)")
     search.add_argument("--seed", type=int, help="seed of the sampler and of training (default: 0)")
     search.add_argument("--study", help="study name (default: MODEL-BUDGET)")
-    search.add_argument("--storage", default="sqlite:///studies/autoprune.db",
-                        help="Optuna storage, any SQLAlchemy URL (default: %(default)s)")
+    search.add_argument("--storage", help=f"Optuna storage, any SQLAlchemy URL (default: {DEFAULT_STORAGE})")
     search.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
     search.add_argument("--gpus-per-trial", type=float, help="default: 1 when CUDA is available, else 0")
     search.add_argument("--cpus-per-trial", type=int, help="default: all CPUs / concurrency")
-    search.add_argument("--concurrency", type=int, default=1, help="trials at once (default: %(default)s; "
+    search.add_argument("--concurrency", type=int, help="trials at once (default: 1; "
                         "throughput is only meaningful when a trial has its device to itself)")
     search.add_argument("--early-stopping", action="store_true", default=None,
                         help="stop poor trials early (ASHA on accuracy); they end PRUNED")
-    search.set_defaults(run=lambda args: cmd_search(args, search))
+    search.set_defaults(run=cmd_search)
 
     storage_help = "Optuna storage URL (default: %(default)s)"
     studies = commands.add_parser("studies", help="list the studies in a storage")
-    studies.add_argument("--storage", default="sqlite:///studies/autoprune.db", help=storage_help)
+    studies.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
     studies.set_defaults(run=cmd_studies)
 
     show = commands.add_parser("show", help="print a study's Pareto front")
     show.add_argument("--study", required=True)
-    show.add_argument("--storage", default="sqlite:///studies/autoprune.db", help=storage_help)
+    show.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
     show.set_defaults(run=cmd_show)
 
     export = commands.add_parser("export", help="save a trial's fine-tuned reduced model for autoprune.load")
     export.add_argument("--study", required=True)
-    export.add_argument("--storage", default="sqlite:///studies/autoprune.db", help=storage_help)
+    export.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
     chosen = export.add_mutually_exclusive_group()
     chosen.add_argument("--trial", type=int, help="trial number")
     chosen.add_argument("--pick", default="balanced", choices=("accuracy", "speed", "balanced"),
@@ -346,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="write a study's report: plots, front, maps (HTML, Markdown, CSV)")
     report.add_argument("--study", required=True)
-    report.add_argument("--storage", default="sqlite:///studies/autoprune.db", help=storage_help)
+    report.add_argument("--storage", default=DEFAULT_STORAGE, help=storage_help)
     report.add_argument("--out", help="folder to write report.html, report.md, trials.csv and pareto.csv "
                                       "(default: studies/STUDY/)")
     report.set_defaults(run=cmd_report)
@@ -356,10 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("batch_size", "rounds", "warmup", "threads", "trials", "concurrency", "cpus_per_trial"):
+    for name in ("batch_size", "rounds", "warmup", "threads"):  # bench's; search checks its own after merging --config
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "warmup" else 1):
-            parser.exit(2, f"autoprune: --{name.replace('_', '-')}: {value} is invalid; accepted: a positive integer\n")
+            accepted = "an integer >= 0" if name == "warmup" else "a positive integer"
+            parser.exit(2, f"autoprune: --{name.replace('_', '-')}: {value} is invalid; accepted: {accepted}\n")
     try:
         args.run(args)
     except UsageError as error:

@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import ConfigError, PruneConfig
 from .search.budget import BudgetError, format_flops, parse_budget
 from .search.results import load_study
+from .search.storage import shown_url
 from .study_attrs import DENSE_ATTR, OUTCOME, REASON, SETTINGS_ATTR, WARM_START
 from .search.runner import pareto_front
 
@@ -1085,22 +1086,13 @@ def render_html(ctx: Context, study: optuna.Study, maps: int) -> tuple[str, int]
 
 # -- entry point ------------------------------------------------------------------------------------
 
-def _shown_storage(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "the storage"
-
-
 def build_context(study: optuna.Study, storage_url: str) -> Context:
     settings = study.user_attrs.get(SETTINGS_ATTR) or {}
     dense = study.user_attrs.get(DENSE_ATTR)
     rows = trial_rows(study, settings.get("recipe") if isinstance(settings.get("recipe"), dict) else {})
     by_number = {r.number: r for r in rows}
     front = [by_number[t.number] for t in pareto_front(study)] if len(study.directions) == 2 else []
-    return Context(name=study.study_name, storage=_shown_storage(storage_url),
+    return Context(name=study.study_name, storage=shown_url(storage_url),
                    taken=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
                    settings=settings, dense=dense if isinstance(dense, dict) else None,
                    budget_flops=_budget_flops(settings, dense if isinstance(dense, dict) else None),

@@ -1,5 +1,8 @@
-"""The attribute names autoprune keeps in an Optuna study and its trials: the study's record format,
-shared by the search that writes it and the reports, listings and exports that read it."""
+"""Where studies live by default, and the attribute names autoprune keeps in an Optuna study and
+its trials: the study's record format, shared by the search that writes it and the reports,
+listings and exports that read it. (Import-light: the CLI reads it before anything heavy.)"""
+
+DEFAULT_STORAGE = "sqlite:///studies/autoprune.db"
 
 # study user attributes
 SETTINGS_ATTR = "autoprune:settings"        # what defines the study (compared on resume)

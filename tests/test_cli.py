@@ -1,10 +1,12 @@
 """The command line: bench on a tiny model, and bad input ending with exit 2 and one line."""
 
 import json
+import re
 
 import pytest
 
-from autoprune.cli import load_configs, main, parse_model_kwargs
+from autoprune.cli import UsageError, _search_options, build_parser, load_configs, main, parse_model_kwargs
+from autoprune.study_attrs import DEFAULT_STORAGE
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=4"]
 
@@ -60,3 +62,43 @@ def test_config_files_name_their_entries(tmp_path):
 def test_model_kwargs_are_typed():
     assert parse_model_kwargs("img_size=64,patch_size=8,qk_norm=true,mlp_ratio=2.5") == {
         "img_size": 64, "patch_size": 8, "qk_norm": True, "mlp_ratio": 2.5}
+
+
+def _options(tmp_path, config: str, *flags: str) -> dict:
+    path = tmp_path / "search.yaml"
+    path.write_text(config)
+    return _search_options(build_parser().parse_args(["search", "--config", str(path), *flags]))
+
+
+def test_search_flags_override_the_config_even_when_they_equal_the_default(tmp_path):
+    config = "budget: 60%\ntrials: 8\nstorage: sqlite:///exp.db\nconcurrency: 2\n"
+    options = _options(tmp_path, config, "--trials", "32", "--storage", DEFAULT_STORAGE, "--concurrency", "1")
+    assert (options["trials"], options["storage"], options["concurrency"]) == (32, DEFAULT_STORAGE, 1)
+    options = _options(tmp_path, config)
+    assert (options["trials"], options["storage"], options["concurrency"]) == (8, "sqlite:///exp.db", 2)
+    assert options["preset"] == "deit_small" and options["seed"] is None  # defaults fill what neither gives
+
+
+@pytest.mark.parametrize("line, message", [
+    ("trials: abc", "--trials: 'abc' is invalid; accepted: a positive integer"),
+    ("trials: 2.5", "--trials: 2.5 is invalid"),
+    ("seed: abc", "--seed: 'abc' is invalid; accepted: an integer from 0 to 4294967295"),
+    ("seed: 4294967296", "--seed: 4294967296 is invalid"),
+    ("cpus_per_trial: 0", "--cpus-per-trial: 0 is invalid; accepted: a positive integer"),
+    ("gpus_per_trial: -1", "--gpus-per-trial: -1 is invalid; accepted: a number >= 0"),
+    ("epochs: 0", "--epochs: 0 is invalid; accepted: a positive number"),
+    ("early_stopping: 'no'", "early_stopping: 'no' is invalid; accepted: true or false"),
+    ("data: [synthetic]", "data: ['synthetic'] is invalid; accepted: a single value"),
+])
+def test_search_options_from_a_config_are_checked(tmp_path, capsys, line, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        _options(tmp_path, f"budget: 60%\n{line}\n")
+    path = tmp_path / "search.yaml"
+    assert main(["search", "--config", str(path)]) == 2  # before anything is built or trained
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_search_flags_are_checked_like_the_config(capsys):
+    assert main(["search", "--budget", "60%", "--seed", "-1"]) == 2
+    assert "--seed: -1 is invalid" in capsys.readouterr().err

@@ -18,14 +18,14 @@ from sqlalchemy.engine import make_url
 
 from autoprune.search.budget import Budget, BudgetError, format_flops, parse_budget
 from autoprune.search.storage import (
-    DEFAULT_STORAGE,
-    LEASE_KEY,
     LeaseHeld,
     StorageError,
     StudyLease,
     open_storage,
     settings_diff,
+    shown_url,
 )
+from autoprune.study_attrs import DEFAULT_STORAGE, LEASE_KEY
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -476,3 +476,9 @@ def test_lease_rejects_bad_timings(study: tuple[str, int]) -> None:
         StudyLease(storage, study_id, stale_after=5, heartbeat_every=10)
     with pytest.raises(ValueError, match="stale_after"):
         StudyLease(storage, study_id, stale_after=-1)
+
+
+def test_printed_urls_never_show_a_password() -> None:
+    assert shown_url("postgresql://user:secret@db.example/studies") == "postgresql://user:***@db.example/studies"
+    assert shown_url("sqlite:///studies/autoprune.db") == "sqlite:///studies/autoprune.db"
+    assert shown_url("not a url") == "not a url"

@@ -8,7 +8,7 @@ import optuna
 
 from ..study_attrs import OUTCOME, SETTINGS_ATTR
 from .searcher import best_feasible, finished_count
-from .storage import open_storage
+from .storage import open_storage, shown_url
 
 
 class StudyNotFound(ValueError):
@@ -20,7 +20,7 @@ def load_study(storage_url: str, name: str) -> optuna.Study:
     names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if name not in names:
         known = ", ".join(sorted(names)) or "none yet"
-        raise StudyNotFound(f"--study: no study {name!r} in {storage_url} (studies there: {known})")
+        raise StudyNotFound(f"--study: no study {name!r} in {shown_url(storage_url)} (studies there: {known})")
     return optuna.load_study(study_name=name, storage=storage)
 
 

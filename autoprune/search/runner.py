@@ -28,12 +28,12 @@ from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
-from ..study_attrs import DENSE_ATTR, OUTCOME, SETTINGS_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, OUTCOME, SETTINGS_ATTR, WARM_START, WARM_STARTED_ATTR
 from .budget import BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count,
                        recover_interrupted)
 from .space import Candidate, SearchSpace
-from .storage import DEFAULT_STORAGE, StorageError, StudyLease, open_storage, settings_diff
+from .storage import StorageError, shown_url, StudyLease, open_storage, settings_diff
 from .trainable import run_search_trial
 
 
@@ -101,7 +101,10 @@ def search(
 ) -> SearchResult:
     """Run (or resume) a search until the study holds `trials` finished trials."""
     if trials < 1 or concurrency < 1 or retries < 0:
-        raise SearchError(f"trials, concurrency and retries must be positive (got {trials}, {concurrency}, {retries})")
+        raise SearchError(f"trials and concurrency must be positive and retries >= 0 "
+                          f"(got {trials}, {concurrency}, {retries})")
+    if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**32:
+        raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {2**32 - 1}")
     study_name = study_name or default_study_name(settings)
     budget = _parse(parse_budget, settings.budget, BudgetError)
     space = _parse(SearchSpace.from_file, settings.space, ValueError)
@@ -118,7 +121,7 @@ def search(
     if budget_flops < floor:
         raise SearchError(f"--budget: {budget} is below the cheapest config the search space can express "
                           f"({format_flops(floor)}); accepted: at least {format_flops(floor)}")
-    log(f"study {study_name!r} in {storage}: {trials} trials, budget {format_flops(budget_flops)} "
+    log(f"study {study_name!r} in {shown_url(storage)}: {trials} trials, budget {format_flops(budget_flops)} "
         f"({budget_flops / dense_flops:.0%} of dense {format_flops(dense_flops)}), space {settings.space}")
     if budget_flops >= dense_flops:
         log(f"the budget is at or above the dense model's {format_flops(dense_flops)}: searching for speed within it")
@@ -173,7 +176,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # seeded by the study's size: a resumed search does not replay its first proposals
             study.sampler = optuna.samplers.TPESampler(
-                multivariate=True, group=True, constant_liar=True, seed=settings.seed + len(study.trials),
+                multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % 2**32,
                 n_startup_trials=min(10, max(4, trials // 4)))
         searcher = StudySearcher(
             study, space, depth, patches, budget_flops, flops_of,
@@ -189,7 +192,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             raise SearchError(searcher.exhausted)
     front = pareto_front(study)
     log(format_front(front, baseline.metrics))
-    log(f"study {study_name!r} lives in {storage}")
+    log(f"study {study_name!r} lives in {shown_url(storage)}")
     from ..report import write_report  # matplotlib is only needed here
     log(f"report: {write_report(storage, study_name)}")
     infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)

@@ -33,7 +33,6 @@ from ..study_attrs import LEASE_KEY
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STORAGE = "sqlite:///studies/autoprune.db"
 DEFAULT_FOLDER = Path("studies")  # the only missing parent folder open_storage creates
 ACCEPTED_URL = "an SQLAlchemy URL such as sqlite:///studies/autoprune.db or postgresql://user@host/db"
 ACCEPTED_FILE = "a new file or an existing Optuna study database"
@@ -105,13 +104,21 @@ def _check_sqlite_file(path: Path, shown: str) -> None:
         raise StorageError(f"{not_study} (it has other tables: {listed}); accepted: {ACCEPTED_FILE}")
 
 
+def shown_url(url: str) -> str:
+    """The URL as it may be printed: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing in it to hide
+        return str(url)
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (or create) the study storage at `url`, refusing files that are not study databases."""
     try:
         parsed = make_url(url)
     except Exception as error:  # sqlalchemy raises ArgumentError, but a non-str raises others
         raise _cannot_open(str(url), _first_line(error)) from None
-    shown = parsed.render_as_string(hide_password=True)
+    shown = shown_url(url)
     try:
         parsed.get_dialect()
     except Exception as error:  # NoSuchModuleError for an unknown dialect or driver name
