@@ -80,6 +80,19 @@ def test_resuming_with_other_settings_is_refused(ray_session, workdir):
         search(tiny_settings(budget="80%"), trials=2, study_name="s", storage=storage_url(workdir), log=lambda line: None)
 
 
+def test_a_study_left_without_settings_is_adopted_only_while_empty(ray_session, workdir):
+    """A search killed between creating its study and recording the settings leaves an empty
+    study: the next search takes it over. A foreign study with trials is refused, unchanged."""
+    optuna.create_study(study_name="orphan", storage=storage_url(workdir), directions=["maximize", "maximize"])
+    result = search(tiny_settings(), trials=1, study_name="orphan", storage=storage_url(workdir), log=lambda line: None)
+    assert result.finished == 1
+    foreign = optuna.create_study(study_name="foreign", storage=storage_url(workdir))
+    foreign.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    with pytest.raises(SearchError, match="exists but was not made by autoprune search"):
+        search(tiny_settings(), trials=1, study_name="foreign", storage=storage_url(workdir), log=lambda line: None)
+    assert len(optuna.load_study(study_name="foreign", storage=storage_url(workdir)).trials) == 2
+
+
 def test_failing_trials_end_fail_with_their_reason_and_the_study_goes_on(ray_session, workdir):
     space = workdir / "explode.yaml"
     space.write_text("reducers: [tome]\ntome: {r: [0.1, 0.2]}\ntrain: {lr: [1.0e+6, 1.0e+7]}\n")
@@ -272,3 +285,27 @@ def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
     retry = trials[-1]
     assert retry.state == states.WAITING and retry.user_attrs[RETRY_OF] == numbers["training"]
     assert retry.system_attrs["fixed_params"] == by_name["training"].params  # enqueued, not yet sampled
+    # killed again after queuing the re-run but before closing the trial: no second re-run
+    half_closed = study.ask()
+    study.enqueue_trial({}, user_attrs={RETRY_OF: half_closed.number})
+    before = len(study.trials)
+    assert recover_interrupted(study) == [half_closed.number] and len(study.trials) == before
+
+
+def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_path):
+    from autoprune.search.searcher import Progress, StudySearcher
+    from autoprune.search.space import SearchSpace
+
+    def flops_of(candidate):
+        raise RuntimeError("CUDA out of memory while calibrating")
+
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    lines = []
+    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
+                             flops_of=flops_of, train_config=lambda candidate, number: {}, target=2,
+                             progress=Progress(total=2, done_before=0, write=lines.append))
+    assert searcher.suggest("a") is None and searcher.suggest("b") is None
+    assert searcher.suggest("c") == searcher.FINISHED  # two finished (failed) trials reach the target
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 2 and all("CUDA out of memory while calibrating" in t.user_attrs[REASON] for t in failed)
+    assert "FAILED: the proposal could not be built: RuntimeError" in lines[0]

@@ -114,7 +114,6 @@ def search(
     probe.reset_classifier(datasets.num_classes)  # the head is part of the FLOPs
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
-    existing = _find_study(optuna_storage, study_name)
     dense_flops = predict_flops(probe)
     budget_flops = budget.resolve(dense_flops)
     floor = cheapest_flops(space, probe)
@@ -131,8 +130,10 @@ def search(
     lease = StudyLease(optuna_storage, study._study_id)
     _parse(lease.acquire, None, StorageError)
     try:
-        if existing is not None:
-            _check_same_settings(existing, study_name, _jsonable(record))
+        # decided under the lease; a study with no settings and no trials is new, or was created by a
+        # search that died before recording its settings: either way this search defines it
+        if study.user_attrs.get(SETTINGS_ATTR) is not None or study.trials:
+            _check_same_settings(study, study_name, _jsonable(record))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -386,14 +387,6 @@ def _check_same_settings(study: optuna.Study, name: str, requested: dict[str, An
     differences = settings_diff(stored, requested)
     if differences:
         raise SearchError(f"study {name!r} was created with other settings; refusing to resume: " + "; ".join(differences))
-
-
-def _find_study(storage, name: str):
-    try:
-        storage.get_study_id_from_name(name)
-    except KeyError:
-        return None
-    return optuna.load_study(study_name=name, storage=storage)
 
 
 def _jsonable(record: dict[str, Any]) -> dict[str, Any]:

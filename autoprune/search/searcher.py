@@ -46,17 +46,20 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     enqueued again, so that they are re-run. Return the numbers of the re-run ones."""
     recovered = []
     storage = study._storage
+    queued = {t.user_attrs.get(RETRY_OF) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         outcome = outcome_of(trial)
         if outcome in OUTCOME_STATES:
             values = [trial.user_attrs[name] for name in OBJECTIVES] if outcome == "complete" else None
             storage.set_trial_state_values(trial._trial_id, OUTCOME_STATES[outcome], values)
             continue
+        # the re-run is queued before the trial is closed, once: a kill in between loses neither
+        if trial.number not in queued:
+            attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
+            study.enqueue_trial(trial.params, user_attrs={**attrs, RETRY_OF: trial.number})
         storage.set_trial_user_attr(trial._trial_id, REASON, "the search driving this trial stopped before it finished")
         storage.set_trial_user_attr(trial._trial_id, OUTCOME, "interrupted")
         storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
-        study.enqueue_trial(trial.params, user_attrs={**attrs, RETRY_OF: trial.number})
         recovered.append(trial.number)
     return recovered
 
@@ -131,9 +134,16 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED if not self.live else None
         for _ in range(self.max_proposals):
             trial = self._next_trial()
-            candidate = self.space.sample(trial, self.depth, self.patches)
+            try:
+                candidate = self.space.sample(trial, self.depth, self.patches)
+                flops = self.flops_of(candidate)
+                train_config = self.train_config(candidate, trial.number)
+            except Exception as error:  # a proposal that cannot be built ends FAIL; the search goes on
+                reason = f"the proposal could not be built: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                self._fail(trial, reason)
+                self.progress.line(self.study, trial.number, f"FAILED: {reason}")
+                return None
             self.proposed += 1
-            flops = self.flops_of(candidate)
             if flops <= self.budget:
                 break
             self.infeasible += 1
@@ -148,7 +158,6 @@ class StudySearcher(Searcher):
         trial.set_user_attr("prune_config", candidate.prune.to_dict())
         trial.set_user_attr("predicted_flops", flops)
         trial.set_user_attr("ray_trial_id", trial_id)
-        train_config = self.train_config(candidate, trial.number)
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
         return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
