@@ -8,6 +8,7 @@ DEFAULT_STORAGE = "sqlite:///studies/autoprune.db"
 SETTINGS_ATTR = "autoprune:settings"        # what defines the study (compared on resume)
 DENSE_ATTR = "autoprune:dense"              # the dense baseline's val accuracy, FLOPs, throughput
 WARM_STARTED_ATTR = "autoprune:warm_started"
+UID_ATTR = "autoprune:uid"                  # names the study's checkpoint folder: unique across storages
 # study system attribute
 LEASE_KEY = "autoprune:lease"               # which search drives the study now
 

@@ -93,6 +93,16 @@ def test_a_study_left_without_settings_is_adopted_only_while_empty(ray_session, 
     assert len(optuna.load_study(study_name="foreign", storage=storage_url(workdir)).trials) == 2
 
 
+def test_same_study_name_in_two_storages_keeps_both_checkpoints(ray_session, workdir):
+    paths = []
+    for database in ("a.db", "b.db"):
+        storage = f"sqlite:///{workdir / database}"
+        search(tiny_settings(), trials=1, study_name="same", storage=storage, log=lambda line: None)
+        study = optuna.load_study(study_name="same", storage=storage)
+        paths += [t.user_attrs["checkpoint_path"] for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
+    assert len(paths) == 2 and len(set(paths)) == 2 and all(Path(p).is_file() for p in paths)
+
+
 def test_failing_trials_end_fail_with_their_reason_and_the_study_goes_on(ray_session, workdir):
     space = workdir / "explode.yaml"
     space.write_text("reducers: [tome]\ntome: {r: [0.1, 0.2]}\ntrain: {lr: [1.0e+6, 1.0e+7]}\n")
@@ -126,7 +136,7 @@ def test_an_exception_inside_a_trial_is_recorded(ray_session, workdir):
     study = optuna.load_study(study_name="broken", storage=storage_url(workdir))
     failed = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "failed"]
     assert result.finished == 2 and len(failed) == 2
-    assert all(t.state == optuna.trial.TrialState.FAIL and "FileExistsError" in t.user_attrs[REASON] for t in failed)
+    assert all(t.state == optuna.trial.TrialState.FAIL and "NotADirectoryError" in t.user_attrs[REASON] for t in failed)
 
 
 def test_early_stopped_trials_end_pruned_never_complete(ray_session, workdir):

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
-from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, OUTCOME, SETTINGS_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, OUTCOME, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
 from .budget import BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count,
                        recover_interrupted)
@@ -139,6 +140,8 @@ def search(
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(OBJECTIVES))
             study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
+        if UID_ATTR not in study.user_attrs:
+            study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
         try:
             baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
                                       settings.synthetic, device=settings.device, log=log)
@@ -348,7 +351,7 @@ def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_
         context = {
             "model": dataclasses.asdict(settings.model), "data": settings.data,
             "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
-            "device": settings.device, "threads": cpus, "checkpoints": str(home / "checkpoints"),
+            "device": settings.device, "threads": cpus, "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
         }
         trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context),
                                         {"cpu": cpus, "gpu": gpus_per_trial})
