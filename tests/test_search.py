@@ -254,7 +254,7 @@ def test_a_second_search_on_a_held_study_is_refused(workdir, capsys):
     with StudyLease(storage, study._study_id):
         code = main(["search", "--preset", "quickstart", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=4,num_heads=3",
                      "--budget", "75%", "--study", "busy", "--storage", storage_url(workdir)])
-    assert code == 2 and "refused" in capsys.readouterr().err
+    assert code == 2 and "study 'busy' is already driven by pid" in capsys.readouterr().err
 
 
 def test_unreachable_pretrained_weights_exit_2(workdir, capsys, monkeypatch):
@@ -319,3 +319,38 @@ def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_pa
     failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(failed) == 2 and all("CUDA out of memory while calibrating" in t.user_attrs[REASON] for t in failed)
     assert "FAILED: the proposal could not be built: RuntimeError" in lines[0]
+
+
+def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_settled_trial(tmp_path):
+    from autoprune.search.searcher import Progress, StudySearcher, recover_interrupted
+    from autoprune.search.space import SearchSpace
+
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    held, lines = [True], []
+    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
+                             flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {}, target=3,
+                             progress=Progress(total=3, done_before=0, write=lines.append), leased=lambda: held[0])
+    assert searcher.suggest("a")["trial_number"] == 0
+    held[0] = False  # another search takes over and settles the running trial
+    recover_interrupted(study)
+    assert searcher.suggest("b") is None and "another search took over" in searcher.exhausted
+    searcher.on_trial_complete("a", {"autoprune_final": True, "accuracy": 90.0, "throughput": 100.0, "flops": 1.0})
+    assert "settled by the search that took over" in lines[-1] and not searcher.live
+    assert searcher.suggest("c") == searcher.FINISHED
+    assert study.trials[0].user_attrs[OUTCOME] == "interrupted"
+
+
+def test_the_budget_floor_counts_mass_based_sait(tmp_path):
+    """A space of mass-based SaiT alone must not be told that nothing below dense fits."""
+    from autoprune import PruneConfig, predict_flops
+    from autoprune.search.runner import cheapest_flops
+    from autoprune.search.space import SearchSpace
+    from autoprune.trial import create_unweighted
+
+    space = tmp_path / "mass.yaml"
+    space.write_text("reducers: [sait]\nsait: {mode: mass, mass_threshold: [0.5, 0.9]}\n")
+    model = create_unweighted(TINY.name, TINY.kwargs)
+    floor = cheapest_flops(SearchSpace.from_file(str(space)), model)
+    # the earliest SaiT layer the space allows, keeping a single patch token: below any mass config
+    last_layer_few_tokens = PruneConfig(reducer="sait", layers=(len(model.blocks) - 1,), keep_rate=0.1)
+    assert floor < predict_flops(model, last_layer_few_tokens) < predict_flops(model)

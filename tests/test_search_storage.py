@@ -360,6 +360,20 @@ def test_lease_with_dead_pid_is_taken_over_at_once(study: tuple[str, int]) -> No
         assert storage.get_study_system_attrs(study_id)[LEASE_KEY]["token"] == lease.token
 
 
+def test_lease_of_a_reused_pid_is_taken_over_at_once(study: tuple[str, int]) -> None:
+    """A restarted container gives a new search the dead one's pid: the process start time tells them apart."""
+    url, study_id = study
+    storage = open_storage(url)
+    now = time.time()
+    record = {"token": "before-restart", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": "1",
+              "started": now - 100, "heartbeat": now}
+    storage.set_study_system_attr(study_id, LEASE_KEY, record)
+    with fast_lease(storage, study_id, stale_after=3600.0) as lease:
+        assert storage.get_study_system_attrs(study_id)[LEASE_KEY]["token"] == lease.token
+    # the same pid with its own start time is this very process: alive
+    assert fast_lease(storage, study_id).alive({**record, "pid_start": lease.pid_start, "heartbeat": time.time()})
+
+
 def test_live_foreign_lease_refused_and_stale_one_taken_over(study: tuple[str, int]) -> None:
     url, study_id = study
     storage = open_storage(url)
@@ -482,3 +496,15 @@ def test_printed_urls_never_show_a_password() -> None:
     assert shown_url("postgresql://user:secret@db.example/studies") == "postgresql://user:***@db.example/studies"
     assert shown_url("sqlite:///studies/autoprune.db") == "sqlite:///studies/autoprune.db"
     assert shown_url("not a url") == "not a url"
+
+
+@pytest.mark.parametrize("url, path", [
+    ("sqlite:///studies/a.db", Path("studies/a.db")),
+    ("sqlite://", None),
+    ("sqlite:///:memory:", None),
+    ("sqlite:///file:studies/a.db?uri=true", Path("studies/a.db")),
+    ("sqlite:///file:shared?mode=memory&cache=shared&uri=true", None),
+])
+def test_sqlite_urls_name_their_file(url: str, path: Path | None) -> None:
+    from autoprune.search.storage import _sqlite_path
+    assert _sqlite_path(make_url(url)) == path

@@ -128,7 +128,7 @@ def search(
 
     study = optuna.create_study(storage=optuna_storage, study_name=study_name, directions=["maximize", "maximize"],
                                 load_if_exists=True)
-    lease = StudyLease(optuna_storage, study._study_id)
+    lease = StudyLease(optuna_storage, study._study_id, name=study_name)
     _parse(lease.acquire, None, StorageError)
     try:
         # decided under the lease; a study with no settings and no trials is new, or was created by a
@@ -151,13 +151,13 @@ def search(
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
         return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,
-                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, log)
+                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, log, lambda: lease.held)
     finally:
         lease.release()
 
 
 def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
-           cpus_per_trial, gpus_per_trial, concurrency, retries, log) -> SearchResult:
+           cpus_per_trial, gpus_per_trial, concurrency, retries, log, leased) -> SearchResult:
     """Recover, warm-start and run trials on an opened, leased study."""
     depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     recovered = recover_interrupted(study)
@@ -186,7 +186,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             study, space, depth, patches, budget_flops, flops_of,
             train_config=lambda c, number: dataclasses.replace(
                 settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-            target=trials, progress=Progress(total=trials, done_before=done, write=log))
+            target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased)
         _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
                  concurrency, retries)
         if searcher.proposed:
@@ -231,21 +231,23 @@ def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
     """A lower bound on what the space can reach: each reducer at its most aggressive settings."""
     depth, patches = len(model.blocks), model.patch_embed.num_patches
     floor = predict_flops(model)
-    for candidate in _extremes(space, depth, patches):
-        floor = min(floor, predict_flops(model, candidate.prune))
+    for prune in _extremes(space, depth, patches):
+        floor = min(floor, predict_flops(model, prune))
     return floor
 
 
 def _extremes(space: SearchSpace, depth: int, patches: int):
-    """Candidates at the low end of every range (earliest layers, lowest keep rates, most r)."""
+    """Configs at the low end of every range (earliest layers, lowest keep rates, most r). A
+    mass-based SaiT config's cost depends on the images: it is bounded by keeping one patch token."""
     for reducer in space.reducer_choices:
         trial = _ExtremeTrial(reducer)
         try:
-            candidate = space.sample(trial, depth, patches)
+            prune = space.sample(trial, depth, patches).prune
         except ValueError:
             continue
-        if not candidate.prune.adaptive:
-            yield candidate
+        if prune.adaptive:
+            prune = PruneConfig(reducer="sait", layers=prune.layers, keep_rate=1 / patches)
+        yield prune
 
 
 class _ExtremeTrial:

@@ -115,6 +115,7 @@ class StudySearcher(Searcher):
         target: int,
         progress: Progress,
         max_proposals: int = 500,
+        leased: Callable[[], bool] = lambda: True,  # False once another search took the study over
     ) -> None:
         # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
         super().__init__(metric=None, mode=None)
@@ -122,14 +123,23 @@ class StudySearcher(Searcher):
         self.depth, self.patches, self.budget = depth, patches, budget
         self.flops_of, self.train_config = flops_of, train_config
         self.target, self.progress, self.max_proposals = target, progress, max_proposals
+        self.leased = leased
         self.live: dict[str, optuna.Trial] = {}
         self.proposed = self.infeasible = 0
         self.exhausted: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Ray pickles the searcher with the Tuner, for a `Tuner.restore` that autoprune never uses
+        (it resumes from the study); the lease check is live state of this process and stays behind."""
+        return {**self.__dict__, "leased": _always_leased}
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True
 
     def suggest(self, trial_id: str):
+        if not self.exhausted and not self.leased():
+            self.exhausted = ("another search took over this study (its lease went stale, e.g. the storage was "
+                              "unreachable for a while); this one stopped proposing trials")
         if self.exhausted or finished_count(self.study) + len(self.live) >= self.target:
             return Searcher.FINISHED if not self.live else None
         for _ in range(self.max_proposals):
@@ -179,6 +189,11 @@ class StudySearcher(Searcher):
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
+        if self.study._storage.get_trial(trial._trial_id).state.is_finished():
+            # a search that took over the study settled it (and queued it to run again)
+            self.progress.write(f"trial {trial.number} was settled by the search that took over this study; "
+                                "its result here is dropped")
+            return
         label = _label(trial)
         if error or result is None:
             self._fail(trial, "the Ray worker running it died or raised outside the trial (see the Ray logs)")
@@ -219,6 +234,10 @@ class StudySearcher(Searcher):
             self.study.tell(trial, state=OUTCOME_STATES[outcome])
         else:
             self.study.tell(trial, values)
+
+
+def _always_leased() -> bool:
+    return True
 
 
 def _label(trial) -> str:

@@ -65,9 +65,9 @@ def _sqlite_path(url: URL) -> Path | None:
     database = url.database or ""
     if database in ("", ":memory:"):
         return None
-    if database.startswith("file:"):  # sqlite URI form (?uri=true): the path ends at the query
-        database = database[len("file:"):].split("?", 1)[0]
-        if database in ("", ":memory:") or "mode=memory" in (url.database or ""):
+    if database.startswith("file:"):  # sqlite URI form (?uri=true); SQLAlchemy keeps the query in url.query
+        database = database[len("file:"):]
+        if database in ("", ":memory:") or url.query.get("mode") == "memory":
             return None
     return Path(database)
 
@@ -225,6 +225,16 @@ def _pid_running(pid: int) -> bool:
     return True
 
 
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of `pid` (Linux), which tells a reused pid from the original; None
+    where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised name
+    except (OSError, IndexError):
+        return None
+
+
 def _when(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
 
@@ -246,21 +256,24 @@ class StudyLease:
         stale_after: float = 60.0,
         heartbeat_every: float = 10.0,
         settle: float = 0.3,
+        name: str | None = None,
     ) -> None:
-        for name, value in (("stale_after", stale_after), ("heartbeat_every", heartbeat_every), ("settle", settle)):
+        for field_name, value in (("stale_after", stale_after), ("heartbeat_every", heartbeat_every), ("settle", settle)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"StudyLease.{name}: {value!r} is invalid; accepted: a positive number of seconds")
+                raise ValueError(f"StudyLease.{field_name}: {value!r} is invalid; accepted: a positive number of seconds")
         if heartbeat_every >= stale_after:
             raise ValueError(
                 f"StudyLease.heartbeat_every: {heartbeat_every!r} is invalid; accepted: less than stale_after ({stale_after!r})"
             )
         self.storage = storage
         self.study_id = study_id
+        self.label = f"study {name!r}" if name is not None else f"study {study_id}"  # for messages
         self.stale_after = float(stale_after)
         self.heartbeat_every = float(heartbeat_every)
         self.settle = float(settle)
         self.host = socket.gethostname()
         self.pid = os.getpid()
+        self.pid_start = _process_start(self.pid)
         self.token: str | None = None
         self.lost = False  # set when another search overwrote our lease while we held it
         self._stop = threading.Event()
@@ -290,8 +303,13 @@ class StudyLease:
             return False
         if not math.isfinite(heartbeat) or now - heartbeat > self.stale_after:
             return False
-        if record.get("host") == self.host and not _pid_running(pid):
-            return False
+        if record.get("host") == self.host:
+            if not _pid_running(pid):
+                return False
+            # a restarted container reuses pids: the same pid started at another time is another process
+            started = record.get("pid_start")
+            if started is not None and _process_start(pid) not in (None, started):
+                return False
         return True
 
     def _refusal(self, record: Mapping[str, Any], detail: str = "") -> LeaseHeld:
@@ -302,7 +320,7 @@ class StudyLease:
         except (TypeError, ValueError):
             since, beat = "an unknown time", "unknown"
         return LeaseHeld(
-            f"study {self.study_id} is already driven by pid {record.get('pid')} on host {record.get('host')!r} "
+            f"{self.label} is already driven by pid {record.get('pid')} on host {record.get('host')!r} "
             f"since {since} (last heartbeat {beat}){detail}; a second search on the same study is refused: "
             f"stop that search, or wait {self.stale_after:.0f} s after it dies for its lease to go stale"
         )
@@ -310,7 +328,7 @@ class StudyLease:
     def acquire(self) -> None:
         """Take the lease or raise LeaseHeld; starts the heartbeat thread."""
         if self.token is not None:
-            raise StorageError(f"StudyLease.acquire: study {self.study_id} lease is already held by this object; accepted: release() first")
+            raise StorageError(f"StudyLease.acquire: {self.label} lease is already held by this object; accepted: release() first")
         token = uuid.uuid4().hex
         for _ in range(5):
             started = time.monotonic()
@@ -318,7 +336,7 @@ class StudyLease:
             if current is not None and current.get("token") != token and self.alive(current):
                 raise self._refusal(current)
             now = time.time()
-            self._write({"token": token, "host": self.host, "pid": self.pid, "started": now, "heartbeat": now})
+            self._write({"token": token, "host": self.host, "pid": self.pid, "pid_start": self.pid_start, "started": now, "heartbeat": now})
             # the read-back only detects a rival whose write landed within `settle` of its read; if our
             # own read-to-write took that long, a rival may have been as slow: start over
             if time.monotonic() - started >= self.settle:
@@ -329,12 +347,12 @@ class StudyLease:
                 if current is not None:
                     raise self._refusal(current, detail=", it won a concurrent start")
                 raise LeaseHeld(
-                    f"study {self.study_id}: our lease was removed while starting; a second search on the same study is refused"
+                    f"{self.label}: our lease was removed while starting; a second search on the same study is refused"
                 )
             break
         else:
             raise StorageError(
-                f"StudyLease.acquire: storage writes for study {self.study_id} took longer than settle={self.settle} s "
+                f"StudyLease.acquire: storage writes for {self.label} took longer than settle={self.settle} s "
                 f"five times; accepted: a storage that answers faster, or a larger settle"
             )
         self.token = token
@@ -353,11 +371,11 @@ class StudyLease:
                     current = self.read()
                     if current is None or current.get("token") != self.token:
                         self.lost = True
-                        logger.warning("study %s: the search lease was taken over by another search", self.study_id)
+                        logger.warning("%s: the search lease was taken over by another search", self.label)
                         return
                     self._write({**current, "heartbeat": time.time()})
                 except Exception as error:  # a locked or briefly unreachable database: try again next beat
-                    logger.warning("study %s: lease heartbeat failed: %s", self.study_id, _first_line(error))
+                    logger.warning("%s: lease heartbeat failed: %s", self.label, _first_line(error))
 
     def release(self) -> None:
         """Stop the heartbeat and clear the lease if it is still ours; safe to call more than once."""
