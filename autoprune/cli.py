@@ -276,7 +276,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     try:
         if args.trial is not None:
             if not 0 <= args.trial < len(study.trials):
-                raise UsageError(f"--trial: {args.trial} is not a trial of {args.study!r} (0..{len(study.trials) - 1})")
+                known = f"trials 0..{len(study.trials) - 1}" if study.trials else "no trials yet"
+                raise UsageError(f"--trial: {args.trial} is not a trial of {args.study!r} ({known})")
             trial = study.trials[args.trial]
         else:
             front = pareto_front(study)

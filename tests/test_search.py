@@ -354,3 +354,10 @@ def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     # the earliest SaiT layer the space allows, keeping a single patch token: below any mass config
     last_layer_few_tokens = PruneConfig(reducer="sait", layers=(len(model.blocks) - 1,), keep_rate=0.1)
     assert floor < predict_flops(model, last_layer_few_tokens) < predict_flops(model)
+
+
+def test_a_cuda_search_without_gpus_per_trial_is_refused_up_front(workdir):
+    with pytest.raises(SearchError, match=r"gpus_per_trial: 0 is invalid for device 'cuda'"):
+        search(tiny_settings(device="cuda"), trials=1, storage=storage_url(workdir), gpus_per_trial=0,
+               log=lambda line: None)
+    assert not (workdir / "studies.db").exists()

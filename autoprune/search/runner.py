@@ -79,7 +79,7 @@ class SearchResult:
     storage: str
     finished: int
     front: list[optuna.trial.FrozenTrial]
-    proposals: int
+    trials_in_study: int  # every trial: finished, infeasible, interrupted, queued
     infeasible: int
 
 
@@ -95,7 +95,7 @@ def search(
     storage: str = DEFAULT_STORAGE,
     address: str | None = None,
     cpus_per_trial: int | None = None,
-    gpus_per_trial: float = 0,
+    gpus_per_trial: float | None = None,
     concurrency: int = 1,
     retries: int = 2,
     log: Callable[[str], None] = print,
@@ -104,6 +104,11 @@ def search(
     if trials < 1 or concurrency < 1 or retries < 0:
         raise SearchError(f"trials and concurrency must be positive and retries >= 0 "
                           f"(got {trials}, {concurrency}, {retries})")
+    if gpus_per_trial is None:
+        gpus_per_trial = 1 if settings.device.startswith("cuda") else 0
+    if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
+        raise SearchError(f"gpus_per_trial: {gpus_per_trial!r} is invalid for device {settings.device!r}; accepted: "
+                          "a number > 0 on CUDA (fractions share a GPU), 0 on the CPU")
     if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**32:
         raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {2**32 - 1}")
     study_name = study_name or default_study_name(settings)
