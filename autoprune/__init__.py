@@ -12,4 +12,4 @@ from .flops import count_flops, predict_flops
 from .patch import apply, remove
 
 __all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "load", "predict_flops", "remove"]
-__version__ = "0.1.0"
+__version__ = "0.1.1"  # part of the baseline cache key: bump when a baseline would change

@@ -6,8 +6,8 @@ from typing import Any
 
 import optuna
 
-from ..study_attrs import OUTCOME, SETTINGS_ATTR
-from .searcher import best_feasible, finished_count
+from ..study_attrs import SETTINGS_ATTR
+from .searcher import best_feasible, finished_count, infeasible_count
 from .storage import open_storage, shown_url
 
 
@@ -39,7 +39,7 @@ def study_rows(storage_url: str) -> list[dict[str, Any]]:
             "data": settings.get("data", "?"),
             "finished": finished_count(study),
             "trials": len(study.trials),
-            "infeasible": sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials),
+            "infeasible": infeasible_count(study),
             "best": f"{best.values[0]:.2f}% at {best.values[1]:.0f} img/s (trial {best.number})" if best else "-",
         })
     return rows

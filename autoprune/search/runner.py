@@ -29,9 +29,9 @@ from ..patch import apply
 from ..presets import get_preset
 from ..train import TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
-from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, OUTCOME, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
 from .budget import BudgetError, format_flops, parse_budget
-from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count,
+from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count, infeasible_count,
                        recover_interrupted)
 from .space import Candidate, SearchSpace
 from .storage import StorageError, shown_url, StudyLease, open_storage, settings_diff
@@ -204,7 +204,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     log(f"study {study_name!r} lives in {shown_url(storage)}")
     from ..report import write_report  # matplotlib is only needed here
     log(f"report: {write_report(storage, study_name)}")
-    infeasible = sum(t.user_attrs.get(OUTCOME) == "infeasible" for t in study.trials)
+    infeasible = infeasible_count(study)
     return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
 
 

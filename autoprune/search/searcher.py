@@ -40,6 +40,11 @@ OUTCOME_STATES = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL,
                   "stopped": TrialState.PRUNED, "infeasible": TrialState.PRUNED}
 
 
+def infeasible_count(study: optuna.Study) -> int:
+    """Proposals screened out over budget, never trained."""
+    return sum(outcome_of(t) == "infeasible" for t in study.get_trials(deepcopy=False))
+
+
 def recover_interrupted(study: optuna.Study) -> list[int]:
     """Settle trials left RUNNING by a dead search: one whose outcome was already written gets
     the state it was about to get; the others are marked FAIL (reason kept) and their params
