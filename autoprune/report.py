@@ -535,8 +535,10 @@ def tradeoff_plot(ctx: Context, x: str) -> str:
         if dense_acc is not None and dense_x is not None:
             dense_x = dense_x / unit if by_flops else dense_x
             ax.scatter([dense_x], [dense_acc], marker="D", s=70, color="#111", zorder=5)
-            ax.annotate("dense", (dense_x, dense_acc), xytext=(7, -12), textcoords="offset points", fontsize=9.5,
-                        fontweight="bold")
+            # dense is the costliest point (rightmost by FLOPs) and the slowest (leftmost by
+            # throughput): label it on the side facing the other trials, never under the legend
+            ax.annotate("dense", (dense_x, dense_acc), xytext=(-8 if by_flops else 7, -12), textcoords="offset points",
+                        ha="right" if by_flops else "left", fontsize=9.5, fontweight="bold")
             handles.append(Line2D([], [], marker="D", linestyle="", markersize=8, color="#111",
                                   label="dense baseline"))
         if by_flops and ctx.budget_flops:
