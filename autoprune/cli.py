@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 from .config import ConfigError, PruneConfig
 from .study_attrs import DEFAULT_STORAGE
+from .train import MAX_SEED
 
 DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
     "evit 0.7": PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7),
@@ -138,31 +140,31 @@ def _search_options(args: argparse.Namespace) -> dict:
 
 
 SEARCH_DEFAULTS = {"preset": "deit_small", "trials": 32, "storage": DEFAULT_STORAGE, "concurrency": 1}
-SEED_RANGE = (0, 2**32 - 1)
 
 
 def _checked(options: dict) -> dict:
     """The merged options with their types and ranges checked, whether they came from flags or YAML."""
-    def number(name: str, kind: type, low: float, accepted: str):
-        value = options.get(name)
+    def number(name: str, kind: type, valid: Callable[[float], bool], accepted: str) -> None:
+        value = options[name]
         if value is None:
             return
+        refused = UsageError(f"--{name.replace('_', '-')}: {value!r} is invalid; accepted: {accepted}")
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise refused
         try:
-            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
             converted = kind(value)
         except (TypeError, ValueError):
-            raise UsageError(f"--{name.replace('_', '-')}: {value!r} is invalid; accepted: {accepted}") from None
-        if converted < low or (name == "seed" and converted > SEED_RANGE[1]):
-            raise UsageError(f"--{name.replace('_', '-')}: {value!r} is invalid; accepted: {accepted}")
+            raise refused from None
+        if not valid(converted):
+            raise refused
         options[name] = converted
 
-    number("trials", int, 1, "a positive integer")
-    number("concurrency", int, 1, "a positive integer")
-    number("cpus_per_trial", int, 1, "a positive integer")
-    number("gpus_per_trial", float, 0, "a number >= 0 (fractions share a GPU)")
-    number("epochs", float, 1e-9, "a positive number (fractions allowed)")
-    number("seed", int, SEED_RANGE[0], f"an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    number("trials", int, lambda v: v >= 1, "a positive integer")
+    number("concurrency", int, lambda v: v >= 1, "a positive integer")
+    number("cpus_per_trial", int, lambda v: v >= 1, "a positive integer")
+    number("gpus_per_trial", float, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)")
+    number("epochs", float, lambda v: v > 0, "a positive number (fractions allowed)")
+    number("seed", int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
     for name in ("pretrained", "early_stopping"):
         if options[name] is not None and not isinstance(options[name], bool):
             raise UsageError(f"--config: {name}: {options[name]!r} is invalid; accepted: true or false")

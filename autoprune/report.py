@@ -36,9 +36,9 @@ from optuna.trial import FrozenTrial, TrialState
 from .config import ConfigError, PruneConfig
 from .search.budget import BudgetError, format_flops, parse_budget
 from .search.results import load_study
+from .search.runner import pareto_front
 from .search.storage import shown_url
 from .study_attrs import DENSE_ATTR, OUTCOME, REASON, SETTINGS_ATTR, WARM_START
-from .search.runner import pareto_front
 
 REDUCER_COLORS = {  # Okabe-Ito: tells the reducers apart, also for colour-blind readers
     "evit": "#0072B2", "tome": "#E69F00", "ppt": "#009E73", "tps": "#CC79A7",

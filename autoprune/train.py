@@ -80,9 +80,12 @@ class TrainConfig:
         return cls(**data)
 
 
+MAX_SEED = 2**32 - 1  # numpy's seed range; larger seeds are taken modulo MAX_SEED + 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % (MAX_SEED + 1))
     torch.manual_seed(seed)
 
 

@@ -27,16 +27,15 @@ from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
-from ..train import TrainConfig
-from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..train import MAX_SEED, TrainConfig
+from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import BudgetError, format_flops, parse_budget
 from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count, infeasible_count,
                        recover_interrupted)
 from .space import Candidate, SearchSpace
-from .storage import StorageError, shown_url, StudyLease, open_storage, settings_diff
+from .storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from .trainable import run_search_trial
-
 
 
 class SearchError(ValueError):
@@ -109,8 +108,8 @@ def search(
     if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
         raise SearchError(f"gpus_per_trial: {gpus_per_trial!r} is invalid for device {settings.device!r}; accepted: "
                           "a number > 0 on CUDA (fractions share a GPU), 0 on the CPU")
-    if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**32:
-        raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {2**32 - 1}")
+    if not isinstance(settings.seed, int) or not 0 <= settings.seed <= MAX_SEED:
+        raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {MAX_SEED}")
     study_name = study_name or default_study_name(settings)
     budget = _parse(parse_budget, settings.budget, BudgetError)
     space = _parse(SearchSpace.from_file, settings.space, ValueError)
@@ -185,7 +184,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # seeded by the study's size: a resumed search does not replay its first proposals
             study.sampler = optuna.samplers.TPESampler(
-                multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % 2**32,
+                multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
                 n_startup_trials=min(10, max(4, trials // 4)))
         searcher = StudySearcher(
             study, space, depth, patches, budget_flops, flops_of,
@@ -358,7 +357,8 @@ def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_
         context = {
             "model": dataclasses.asdict(settings.model), "data": settings.data,
             "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
-            "device": settings.device, "threads": cpus, "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
+            "device": settings.device, "threads": cpus,
+            "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
         }
         trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context),
                                         {"cpu": cpus, "gpu": gpus_per_trial})
