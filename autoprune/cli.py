@@ -222,16 +222,21 @@ def cmd_search(args: argparse.Namespace) -> None:
           f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
           f"early stopping {'on' if settings.early_stopping else 'off'}")
     try:
-        search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
-               address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
-               concurrency=options["concurrency"])
+        result = search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
+                        address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
+                        concurrency=options["concurrency"])
     except SearchError as error:
         raise UsageError(str(error)) from None
+    # the report is the command's last step, not the search's: search() writes the study and
+    # nothing else, so the service does not load the plotting stack and the report only reads
+    from .report import write_report
+
+    print(f"report: {write_report(result.storage, result.study_name)}")
 
 
 def cmd_studies(args: argparse.Namespace) -> None:
-    from .search.results import study_rows
-    from .search.storage import StorageError, shown_url
+    from .storage import StorageError, shown_url
+    from .study import study_rows
 
     try:
         rows = study_rows(args.storage)
@@ -247,8 +252,8 @@ def cmd_studies(args: argparse.Namespace) -> None:
 
 
 def _study(args: argparse.Namespace):
-    from .search.results import StudyNotFound, load_study
-    from .search.storage import StorageError
+    from .storage import StorageError
+    from .study import StudyNotFound, load_study
 
     try:
         return load_study(args.storage, args.study)
@@ -257,8 +262,9 @@ def _study(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> None:
+    from .search.runner import format_front
+    from .study import pareto_front
     from .study_attrs import DENSE_ATTR
-    from .search.runner import format_front, pareto_front
 
     study = _study(args)
     front = pareto_front(study)
@@ -272,7 +278,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import ExportError, export_trial, pick_trial
-    from .search.runner import pareto_front
+    from .study import pareto_front
 
     study = _study(args)
     try:

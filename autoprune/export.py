@@ -20,7 +20,8 @@ from torch import nn
 
 from .config import PruneConfig
 from .patch import apply
-from .study_attrs import OUTCOME, REASON, SETTINGS_ATTR
+from .study import outcome_of
+from .study_attrs import REASON, SETTINGS_ATTR
 
 MANIFEST = "autoprune.json"
 WEIGHTS = "weights.pt"
@@ -69,7 +70,7 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str 
     """Write `trial`'s fine-tuned model to `out` (refusing an existing folder unless `force`)."""
     out = Path(out)
     if trial.state != optuna.trial.TrialState.COMPLETE:
-        reason = trial.user_attrs.get(REASON) or trial.user_attrs.get(OUTCOME) or "not run yet"
+        reason = trial.user_attrs.get(REASON) or outcome_of(trial) or "not run yet"
         raise ExportError(f"trial {trial.number} did not finish ({trial.state.name}: {reason}); only complete trials "
                           "can be exported")
     checkpoint = Path(trial.user_attrs.get("checkpoint_path") or "")

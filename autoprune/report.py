@@ -35,19 +35,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import ConfigError, PruneConfig
 from .search.budget import BudgetError, format_flops, parse_budget
-from .search.results import load_study
-from .search.runner import pareto_front
-from .search.storage import shown_url
-from .study_attrs import DENSE_ATTR, OUTCOME, REASON, SETTINGS_ATTR, WARM_START
+from .storage import shown_url
+from .study import OUTCOME_ORDER, load_study, pareto_front, trial_outcome, within_budget
+from .study_attrs import DENSE_ATTR, REASON, SETTINGS_ATTR, WARM_START
 
 REDUCER_COLORS = {  # Okabe-Ito: tells the reducers apart, also for colour-blind readers
     "evit": "#0072B2", "tome": "#E69F00", "ppt": "#009E73", "tps": "#CC79A7",
     "bat": "#56B4E9", "sait": "#D55E00", "none": "#555555",
 }
-OUTCOME_ORDER = ("complete", "stopped", "failed", "infeasible", "interrupted", "running", "queued")
 SAMPLE_IMAGES = 4
-_STATE_OUTCOME = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "stopped",
-                  TrialState.RUNNING: "running", TrialState.WAITING: "queued"}
 
 
 # -- reading the study ------------------------------------------------------------------------------
@@ -157,9 +153,7 @@ def trial_rows(study: optuna.Study, recipe: dict | None = None) -> list[Row]:
     rows = []
     for trial in study.get_trials(deepcopy=False):
         attrs = trial.user_attrs
-        # a live trial's outcome may be written an instant before its state: the state wins
-        outcome = ((attrs.get(OUTCOME) if trial.state.is_finished() else None)
-                   or _STATE_OUTCOME.get(trial.state, trial.state.name.lower()))
+        outcome = trial_outcome(trial)
         reducer, layers, settings, label = _describe(attrs.get("prune_config"))
         if not reducer:
             reducer = str(trial.params.get("reducer", ""))
@@ -180,7 +174,7 @@ def trial_rows(study: optuna.Study, recipe: dict | None = None) -> list[Row]:
             predicted_flops=_number(attrs.get("predicted_flops")), throughput=_number(throughput),
             speedup=_number(attrs.get("speedup")), params=_number(attrs.get("params")),
             checkpoint=str(attrs.get("checkpoint_path") or ""),
-            feasible=all(v <= 0 for v in trial.constraints.values()),
+            feasible=within_budget(trial),
             on_front=trial.number in front, stopped_accuracy=stopped))
     return rows
 

@@ -200,3 +200,17 @@ def test_report_renders_in_a_headless_browser(built, tmp_path):
     for band in (image.crop((0, 0, 1400, 200)), image.crop((0, 900, 1400, 2000))):  # header; plots
         assert max(ImageStat.Stat(band).stddev) > 20  # not blank
         assert len(band.getcolors(1 << 20) or range(1000)) > 50
+
+
+def test_cli_search_ends_by_writing_the_report(built, tmp_path, monkeypatch, capsys):
+    """`autoprune search` writes the report once `search()` returns (here a stand-in for it)."""
+    import autoprune.search
+    from autoprune.search import SearchResult
+
+    _, storage, _ = built
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(autoprune.search, "search",
+                        lambda settings, **options: SearchResult("s", storage, 5, [], 8, 1))
+    assert main(["search", "--preset", "quickstart", "--budget", "75%"]) == 0
+    assert (tmp_path / "studies" / "s" / "report.html").is_file()
+    assert capsys.readouterr().out.strip().endswith("report: " + str(Path("studies") / "s" / "report.html"))

@@ -16,7 +16,7 @@ from autoprune.cli import main
 from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings, search
 from autoprune.study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
-from autoprune.search.storage import StudyLease, open_storage
+from autoprune.storage import StudyLease, open_storage
 from autoprune.train import TrainConfig
 from autoprune.trial import ModelSpec
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from autoprune.search.budget import Budget, BudgetError, format_flops, parse_budget
-from autoprune.search.storage import (
+from autoprune.storage import (
     LeaseHeld,
     StorageError,
     StudyLease,
@@ -506,5 +506,5 @@ def test_printed_urls_never_show_a_password() -> None:
     ("sqlite:///file:shared?mode=memory&cache=shared&uri=true", None),
 ])
 def test_sqlite_urls_name_their_file(url: str, path: Path | None) -> None:
-    from autoprune.search.storage import _sqlite_path
+    from autoprune.storage import _sqlite_path
     assert _sqlite_path(make_url(url)) == path

@@ -27,14 +27,14 @@ from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
+from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
+from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
 from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import BudgetError, format_flops, parse_budget
-from .searcher import (OBJECTIVES, Progress, StudySearcher, finished_count, infeasible_count,
-                       recover_interrupted)
+from .searcher import Progress, StudySearcher, recover_interrupted
 from .space import Candidate, SearchSpace
-from .storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from .trainable import run_search_trial
 
 
@@ -99,7 +99,8 @@ def search(
     retries: int = 2,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
-    """Run (or resume) a search until the study holds `trials` finished trials."""
+    """Run (or resume) a search until the study holds `trials` finished trials. It writes the
+    study only: `autoprune.report.write_report` reads it afterwards (the CLI does so at once)."""
     if trials < 1 or concurrency < 1 or retries < 0:
         raise SearchError(f"trials and concurrency must be positive and retries >= 0 "
                           f"(got {trials}, {concurrency}, {retries})")
@@ -201,15 +202,8 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     front = pareto_front(study)
     log(format_front(front, baseline.metrics))
     log(f"study {study_name!r} lives in {shown_url(storage)}")
-    from ..report import write_report  # matplotlib is only needed here
-    log(f"report: {write_report(storage, study_name)}")
     infeasible = infeasible_count(study)
     return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
-
-
-def pareto_front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Complete, within-budget trials not dominated in (accuracy, throughput), by accuracy."""
-    return sorted(study.best_trials, key=lambda t: -t.values[0])
 
 
 def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -> str:

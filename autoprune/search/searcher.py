@@ -17,32 +17,10 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from ..config import PruneConfig
+from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
 from .space import Candidate, SearchSpace
 from .trainable import FAILED, FINAL
-
-OBJECTIVES = ("accuracy", "throughput")
-FINISHED_OUTCOMES = ("complete", "failed", "stopped")
-
-
-def outcome_of(trial: optuna.trial.FrozenTrial) -> str | None:
-    return trial.user_attrs.get(OUTCOME)
-
-
-def finished_count(study: optuna.Study) -> int:
-    """Trials that trained to an end (complete, failed or early-stopped)."""
-    return sum(outcome_of(t) in FINISHED_OUTCOMES for t in study.get_trials(deepcopy=False))
-
-
-# The state each outcome ends in. The outcome (and everything it reports) is written before the
-# state, so a search killed between the two leaves a RUNNING trial whose outcome says how it ended.
-OUTCOME_STATES = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL,
-                  "stopped": TrialState.PRUNED, "infeasible": TrialState.PRUNED}
-
-
-def infeasible_count(study: optuna.Study) -> int:
-    """Proposals screened out over budget, never trained."""
-    return sum(outcome_of(t) == "infeasible" for t in study.get_trials(deepcopy=False))
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -89,13 +67,6 @@ class Progress:
                      if best else "no feasible result yet")
         self.write(f"[{done}/{self.total}] trial {trial_number}: {text} | {best_text} | "
                    f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
-
-
-def best_feasible(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The most accurate complete trial within budget."""
-    feasible = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if all(v <= 0 for v in t.constraints.values())]
-    return max(feasible, key=lambda t: (t.values[0], t.values[1]), default=None)
 
 
 def _duration(seconds: float) -> str:

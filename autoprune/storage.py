@@ -29,7 +29,7 @@ import optuna
 import sqlalchemy
 from sqlalchemy.engine import URL, make_url
 
-from ..study_attrs import LEASE_KEY
+from .study_attrs import LEASE_KEY
 
 logger = logging.getLogger(__name__)
 
