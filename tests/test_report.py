@@ -16,7 +16,9 @@ from optuna.trial import TrialState, create_trial
 import autoprune
 from autoprune.cli import main
 from autoprune.study_attrs import DENSE_ATTR, OUTCOME, SETTINGS_ATTR
-from autoprune.report import hypervolume_2d, hypervolume_history, patch_status, write_report
+from autoprune.report import write_report
+from autoprune.report.maps import patch_status
+from autoprune.report.plots import hypervolume_2d, hypervolume_history
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 4, "num_heads": 3}
 SYNTHETIC = {"num_classes": 4, "train_size": 32, "val_size": 16, "test_size": 16, "image_size": 32, "seed": 0}
@@ -144,7 +146,7 @@ def test_hypervolume_of_a_two_objective_front():
 
 def test_hypervolume_history_grows_with_feasible_trials(built):
     _, storage, _ = built
-    from autoprune.report import trial_rows
+    from autoprune.report.rows import trial_rows
     rows = trial_rows(optuna.load_study(study_name="s", storage=storage))
     history = dict(hypervolume_history(rows))
     assert history[0] == 80 * 1000 and history[1] == 80 * 1000 + 75 * 400
