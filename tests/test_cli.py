@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from autoprune.cli import UsageError, _search_options, build_parser, load_configs, main, parse_model_kwargs
+from autoprune.cli import UsageError, build_parser, load_configs, main, parse_model_kwargs
+from autoprune.cli.search import _search_options
 from autoprune.study_attrs import DEFAULT_STORAGE
 
 TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=4"]

@@ -1,0 +1,77 @@
+"""`autoprune bench`: time dense and reduced models, interleaved in one process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..config import ConfigError, PruneConfig
+from .parsing import UsageError, create_model, load_configs, parse_model_kwargs
+
+DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
+    "evit 0.7": PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7),
+    "tome r13": PruneConfig(reducer="tome", r=13),
+    "ppt r50": PruneConfig(reducer="ppt", layers=(3, 6, 9), r=50),
+    "tps 0.7": PruneConfig(reducer="tps", layers=(3, 6, 9), keep_rate=0.7),
+    "bat 0.7": PruneConfig(reducer="bat", layers=(3, 6, 9), keep_rate=0.7, clusters=8, knn=5, pairs=8),
+    "sait M0.7": PruneConfig(reducer="sait", layers=(3,), mass_threshold=0.7),
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..bench import benchmark, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {args.device!r} but no CUDA device is available (use cpu)")
+    configs = load_configs(args.config) if args.config else DEFAULT_BENCH_CONFIGS
+    model = create_model(args.model, parse_model_kwargs(args.model_kwargs))
+    try:
+        rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
+                         warmup=args.warmup, device=args.device)
+    except ConfigError as error:
+        raise UsageError(str(error)) from None
+    header = (f"model {args.model} {args.model_kwargs or ''}| device {args.device} "
+              f"({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
+              f"{torch.get_num_threads()} threads) | batch {args.batch_size} | fused attention | "
+              f"no torch.compile | median of {args.rounds} interleaved rounds")
+    table = format_table(rows)
+    print(header, table, sep="\n\n")
+    if args.out:
+        Path(args.out).write_text(header + "\n\n" + table + "\n")
+    if args.json:
+        print(json.dumps([{**row.__dict__, "config": row.config.to_dict() if row.config else None}
+                          for row in rows]))
+
+
+def _check_counts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts argparse reads as any int: refused like its own errors (exit 2), before anything runs."""
+    for name in ("batch_size", "rounds", "warmup", "threads"):
+        value = getattr(args, name, None)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            accepted = "an integer >= 0" if name == "warmup" else "a positive integer"
+            parser.exit(2, f"autoprune: --{name.replace('_', '-')}: {value} is invalid; accepted: {accepted}\n")
+
+
+def register(commands) -> None:
+    bench = commands.add_parser(
+        "bench", help="time dense vs token-reduced models, interleaved in one process",
+        description="Time a timm ViT dense and reduced by each config (random weights and images), "
+                    "interleaved, and print img/s, speedup and the ideal speedup (FLOPs ratio).")
+    bench.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
+    bench.add_argument("--model-kwargs", help="timm create_model kwargs, e.g. img_size=64,patch_size=8")
+    bench.add_argument("--config", action="append",
+                       help="inline JSON config, or a YAML/JSON file with one config or name -> config; "
+                            "repeatable (default: the papers' DeiT-S setting of each reducer)")
+    bench.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    bench.add_argument("--rounds", type=int, default=7, help="timed rounds, median reported (default: %(default)s)")
+    bench.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: %(default)s)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    bench.add_argument("--out", help="also write the table (Markdown) to this file")
+    bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    bench.set_defaults(run=cmd_bench, check=_check_counts)
