@@ -84,22 +84,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from .bench import benchmark, format_table
+    from .onnx_export import OPSET, OnnxExportError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device: {args.device!r} but no CUDA device is available (use cpu)")
+    if args.backend == "onnxruntime" and args.device != "cpu":
+        raise UsageError(f"--device: {args.device!r} with --backend onnxruntime; accepted: cpu (its CPU provider)")
     configs = load_configs(args.config) if args.config else DEFAULT_BENCH_CONFIGS
     model = _create_model(args.model, parse_model_kwargs(args.model_kwargs))
     try:
         rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
-                         warmup=args.warmup, device=args.device)
-    except ConfigError as error:
+                         warmup=args.warmup, device=args.device, backend=args.backend,
+                         log=lambda line: print(line, file=sys.stderr))
+    except (ConfigError, OnnxExportError) as error:
         raise UsageError(str(error)) from None
-    header = (f"model {args.model} {args.model_kwargs or ''}| device {args.device} "
-              f"({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
-              f"{torch.get_num_threads()} threads) | batch {args.batch_size} | fused attention | "
-              f"no torch.compile | median of {args.rounds} interleaved rounds")
+    if args.backend == "onnxruntime":
+        import onnxruntime
+
+        runtime = (f"onnxruntime {onnxruntime.__version__} CPU provider (fp32, {torch.get_num_threads()} threads, "
+                   f"opset {OPSET}, all graph optimisations)")
+    else:
+        runtime = (f"device {args.device} ({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
+                   f"{torch.get_num_threads()} threads) | fused attention | no torch.compile")
+    header = (f"model {args.model} {args.model_kwargs or ''}| {runtime} | batch {args.batch_size} | "
+              f"median of {args.rounds} interleaved rounds")
     table = format_table(rows)
     print(header, table, sep="\n\n")
     if args.out:
@@ -272,6 +282,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from .export import ExportError, export_trial, pick_trial
+    from .onnx_export import OnnxExportError, export_trial_onnx
     from .search.runner import pareto_front
 
     study = _study(args)
@@ -287,11 +298,18 @@ def cmd_export(args: argparse.Namespace) -> None:
                 state = "has no trials" if not study.trials else "has no complete trial within budget"
                 raise UsageError(f"study {args.study!r} {state}: nothing to export")
             trial = pick_trial(front, args.pick)
-        out = export_trial(study, trial, args.out, force=args.force)
+        if args.format == "onnx":
+            print(f"exporting trial {trial.number} to ONNX and checking it in onnxruntime...", file=sys.stderr)
+            out = export_trial_onnx(study, trial, args.out, force=args.force)
+        else:
+            out = export_trial(study, trial, args.out, force=args.force)
+    except OnnxExportError as error:
+        raise UsageError(f"--format onnx: {error}") from None
     except ExportError as error:
         raise UsageError(str(error)) from None
-    print(f"exported trial {trial.number} ({trial.values[0]:.2f}% top-1, {trial.values[1]:.0f} img/s) to {out}; "
-          f"load it with autoprune.load({str(out)!r})")
+    run = (f"run {out / 'model.onnx'} with onnxruntime (inputs and preprocessing in {out / 'autoprune.json'})"
+           if args.format == "onnx" else f"load it with autoprune.load({str(out)!r})")
+    print(f"exported trial {trial.number} ({trial.values[0]:.2f}% top-1, {trial.values[1]:.0f} img/s) to {out}; {run}")
 
 
 
@@ -325,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=7, help="timed rounds, median reported (default: %(default)s)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: %(default)s)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    bench.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
+                       help="run the models in PyTorch, or exported to ONNX in onnxruntime's CPU provider "
+                            "(default: %(default)s)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
@@ -382,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     export.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --force)")
     export.add_argument("--force", action="store_true", help="overwrite --out")
+    export.add_argument("--format", default="pytorch", choices=("pytorch", "onnx"),
+                        help="pytorch: weights.pt for autoprune.load; onnx: one model.onnx (dynamic batch), "
+                             "checked in onnxruntime (default: %(default)s)")
     export.set_defaults(run=cmd_export)
 
     report = commands.add_parser("report", help="write a study's report: plots, front, maps (HTML, Markdown, CSV)")
