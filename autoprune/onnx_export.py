@@ -53,7 +53,7 @@ def export_onnx(model: nn.Module, out: str | Path, *, opset: int = OPSET, images
     `manifest` adds fields to `autoprune.json` (the CLI adds the study's)."""
     def write(folder: Path) -> None:
         check = write_onnx(model, folder / ONNX_FILE, opset=opset, images=images)
-        (folder / MANIFEST).write_text(json.dumps({**(manifest or {}), **onnx_manifest(model, opset, check)}, indent=2))
+        (folder / MANIFEST).write_text(json.dumps({**(manifest or {}), **_manifest(model, opset, check)}, indent=2))
 
     return write_folder(out, force, write)
 
@@ -73,9 +73,9 @@ def write_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, images
         raise OnnxExportError(f"ONNX export: expected a timm VisionTransformer, got {type(model).__name__}")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < OPSET:
         raise OnnxExportError(f"opset: {opset!r} is invalid; accepted: an integer >= {OPSET} (the exporter's lowest)")
-    name = reducer_name(model)
+    name = _reducer_name(model)
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its device, dtype and mode
-    images = check_images(model) if images is None else images.float().cpu()
+    images = _check_images(model) if images is None else images.float().cpu()
     path = Path(path)
     try:
         _export(model, images, path, opset, name)
@@ -83,62 +83,6 @@ def write_onnx(model: nn.Module, path: str | Path, *, opset: int = OPSET, images
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-
-
-def reducer_name(model: nn.Module) -> str:
-    """'dense' or the reducer a model runs, for messages."""
-    config = getattr(model, "prune_config", None)
-    return "dense" if config is None else f"reducer {config.reducer}"
-
-
-def check_images(model: VisionTransformer, count: int = CHECK_IMAGES) -> Tensor:
-    """A deterministic batch of differently structured inputs (blank, objects, noise, half noise,
-    a gradient, stripes), so adaptive reducers take different paths and keep different counts."""
-    generator = torch.Generator().manual_seed(0)
-    channels, (height, width) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
-    images = torch.zeros(count, channels, height, width)
-    noise = torch.randn(count, channels, height, width, generator=generator)
-    ramp = torch.linspace(-2, 2, width)
-    for index in range(count):
-        kind = index % 6
-        if kind == 1:  # an object on a blank background, at a place depending on the index
-            top, left = (index * height // 7) % (height // 2), (index * width // 5) % (width // 2)
-            images[index, :, top:top + height // 3, left:left + width // 3] = 3.0
-        elif kind == 2:
-            images[index] = noise[index]
-        elif kind == 3:
-            images[index, :, :, width // 2:] = 2 * noise[index, :, :, width // 2:]
-        elif kind == 4:
-            images[index] = ramp.expand(channels, height, width)
-        elif kind == 5:
-            images[index, :, :, ::4] = 2.0
-    return images
-
-
-def onnx_manifest(model: nn.Module, opset: int, check: OnnxCheck) -> dict[str, Any]:
-    """What a consumer needs to run the file without timm: names, shapes, preprocessing, versions."""
-    import onnxruntime
-
-    from . import __version__
-
-    config = getattr(model, "prune_config", None)
-    data = preprocessing(model)
-    return {
-        "format": "onnx",
-        "model": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
-        "num_classes": model.num_classes,
-        "prune_config": None if config is None else config.to_dict(),
-        "onnx": {
-            "file": ONNX_FILE,
-            "opset": opset,
-            "input": {"name": INPUT, "shape": ["batch", *data["input_size"]], "dtype": "float32"},
-            "output": {"name": OUTPUT, "shape": ["batch", model.num_classes], "dtype": "float32"},
-            "checked": {"onnxruntime": onnxruntime.__version__, "images": check.images,
-                        "max_abs_diff": check.max_abs_diff, "tolerance": TOLERANCE},
-        },
-        "preprocessing": data,
-        "versions": {"autoprune": __version__, "torch": torch.__version__},
-    }
 
 
 def preprocessing(model: nn.Module) -> dict[str, Any]:
@@ -167,6 +111,62 @@ def onnxruntime_session(path: str | Path, threads: int | None = None):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _reducer_name(model: nn.Module) -> str:
+    """'dense' or the reducer a model runs, for messages."""
+    config = getattr(model, "prune_config", None)
+    return "dense" if config is None else f"reducer {config.reducer}"
+
+
+def _check_images(model: VisionTransformer, count: int = CHECK_IMAGES) -> Tensor:
+    """A deterministic batch of differently structured inputs (blank, objects, noise, half noise,
+    a gradient, stripes), so adaptive reducers take different paths and keep different counts."""
+    generator = torch.Generator().manual_seed(0)
+    channels, (height, width) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    images = torch.zeros(count, channels, height, width)
+    noise = torch.randn(count, channels, height, width, generator=generator)
+    ramp = torch.linspace(-2, 2, width)
+    for index in range(count):
+        kind = index % 6
+        if kind == 1:  # an object on a blank background, at a place depending on the index
+            top, left = (index * height // 7) % (height // 2), (index * width // 5) % (width // 2)
+            images[index, :, top:top + height // 3, left:left + width // 3] = 3.0
+        elif kind == 2:
+            images[index] = noise[index]
+        elif kind == 3:
+            images[index, :, :, width // 2:] = 2 * noise[index, :, :, width // 2:]
+        elif kind == 4:
+            images[index] = ramp.expand(channels, height, width)
+        elif kind == 5:
+            images[index, :, :, ::4] = 2.0
+    return images
+
+
+def _manifest(model: nn.Module, opset: int, check: OnnxCheck) -> dict[str, Any]:
+    """What a consumer needs to run the file without timm: names, shapes, preprocessing, versions."""
+    import onnxruntime
+
+    from . import __version__
+
+    config = getattr(model, "prune_config", None)
+    data = preprocessing(model)
+    return {
+        "format": "onnx",
+        "model": (getattr(model, "pretrained_cfg", None) or {}).get("architecture"),
+        "num_classes": model.num_classes,
+        "prune_config": None if config is None else config.to_dict(),
+        "onnx": {
+            "file": ONNX_FILE,
+            "opset": opset,
+            "input": {"name": INPUT, "shape": ["batch", *data["input_size"]], "dtype": "float32"},
+            "output": {"name": OUTPUT, "shape": ["batch", model.num_classes], "dtype": "float32"},
+            "checked": {"onnxruntime": onnxruntime.__version__, "images": check.images,
+                        "max_abs_diff": check.max_abs_diff, "tolerance": TOLERANCE},
+        },
+        "preprocessing": data,
+        "versions": {"autoprune": __version__, "torch": torch.__version__},
+    }
 
 
 def _require_packages() -> None:
