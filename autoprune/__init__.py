@@ -9,7 +9,8 @@
 from .config import ConfigError, PruneConfig
 from .export import load
 from .flops import count_flops, predict_flops
+from .onnx_export import export_onnx
 from .patch import apply, remove
 
-__all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "load", "predict_flops", "remove"]
+__all__ = ["ConfigError", "PruneConfig", "apply", "count_flops", "export_onnx", "load", "predict_flops", "remove"]
 __version__ = "0.1.1"  # part of the baseline cache key: bump when a baseline would change

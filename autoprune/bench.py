@@ -1,23 +1,32 @@
 """Throughput of dense vs reduced models, timed interleaved in one process (reducers.md protocol).
 
 A machine is noisy, so only ratios of interleaved runs are trusted: every round times each model
-once, in a rotating order, and the median round is reported.
+once, in a rotating order, and the median round is reported. The models run in PyTorch (eager) or,
+exported to ONNX, in onnxruntime's CPU provider.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .config import PruneConfig
 from .flops import count_flops
+from .onnx_export import INPUT, OnnxExportError, onnxruntime_session, write_onnx
 from .patch import apply
+
+BACKENDS = ("eager", "onnxruntime")
+Runner = Callable[[Tensor], object]  # a model, or anything else that runs a batch
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,7 @@ class BenchRow:
     images_per_s: float
     speedup: float        # measured, over the dense model
     ideal_speedup: float  # dense FLOPs / reduced FLOPs
+    refused: str | None = None  # why the backend could not run it (then the timings are NaN)
 
     @property
     def efficiency(self) -> float:
@@ -40,7 +50,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, rounds: int, warmup: int,
+def time_interleaved(models: dict[str, Runner], images: torch.Tensor, rounds: int, warmup: int,
                      autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Median images/s of each model over `rounds` interleaved rounds, after `warmup` passes each."""
     device = images.device
@@ -64,33 +74,71 @@ def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, rounds:
 
 
 def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int = 32,
-              rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0) -> list[BenchRow]:
+              rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0, backend: str = "eager",
+              log: Callable[[str], None] = lambda line: None) -> list[BenchRow]:
     """Time the dense `model` and a reduced copy per config on random images; the first row is
     dense. On CUDA the models run under bf16 autocast. FLOPs of adaptive configs are averaged
-    over the same images."""
+    over the same images. With backend "onnxruntime" every model is exported to ONNX (checked
+    against PyTorch) and run by onnxruntime's CPU provider; a config it refuses gets a row that
+    says why."""
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend: {backend!r} is invalid; accepted: {', '.join(BACKENDS)}")
     torch.manual_seed(seed)
     target = torch.device(device)
+    if backend == "onnxruntime" and target.type != "cpu":
+        raise ValueError(f"--device: {device!r} with --backend onnxruntime; accepted: cpu (its CPU provider)")
     dense = apply(model, None).eval().to(target)
     embed = dense.patch_embed
     images = torch.randn(batch_size, embed.proj.in_channels, *embed.img_size, device=target)
     models = {"dense": dense}
     models.update({name: apply(copy.deepcopy(dense), cfg) for name, cfg in configs.items()})
     flops = {name: count_flops(m, images) for name, m in models.items()}
-    rates = time_interleaved(models, images, rounds, warmup,
-                             torch.bfloat16 if target.type == "cuda" else None)
+    with tempfile.TemporaryDirectory() as folder:
+        runners: dict[str, Runner] = dict(models)
+        refused: dict[str, str] = {}
+        if backend == "onnxruntime":
+            runners, refused = _onnxruntime_runners(models, images, Path(folder), log)
+        log(f"timing {len(runners)} models: {warmup} warm-up and {rounds} rounds each")
+        rates = time_interleaved(runners, images, rounds, warmup,
+                                 torch.bfloat16 if target.type == "cuda" else None)
     return [
         BenchRow(name=name, config=configs.get(name), gflops=flops[name] / 1e9,
-                 images_per_s=rates[name], speedup=rates[name] / rates["dense"],
-                 ideal_speedup=flops["dense"] / flops[name])
+                 images_per_s=rates.get(name, math.nan), speedup=rates.get(name, math.nan) / rates["dense"],
+                 ideal_speedup=flops["dense"] / flops[name], refused=refused.get(name))
         for name in models
     ]
 
 
+def _onnxruntime_runners(models: dict[str, nn.Module], images: Tensor, folder: Path,
+                         log: Callable[[str], None]) -> tuple[dict[str, Runner], dict[str, str]]:
+    """Each model exported to ONNX and opened in onnxruntime with torch's thread count; the
+    reason for each one that cannot be exported faithfully. The dense model must export."""
+    runners, refused = {}, {}
+    for index, (name, model) in enumerate(models.items()):
+        log(f"exporting {name} to ONNX ({index + 1}/{len(models)})")
+        path = folder / f"{index}.onnx"
+        try:
+            write_onnx(model, path, images=images)
+        except OnnxExportError as error:
+            if name == "dense":
+                raise
+            refused[name] = str(error)
+            log(f"  refused: {error}")
+            continue
+        session = onnxruntime_session(path, threads=torch.get_num_threads())
+        runners[name] = lambda batch, session=session: session.run(None, {INPUT: batch.numpy()})
+    return runners, refused
+
+
 def format_table(rows: list[BenchRow]) -> str:
-    """A Markdown table of benchmark rows."""
+    """A Markdown table of benchmark rows (refused ones marked, with the reason below)."""
     lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
-                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} |")
-    return "\n".join(lines)
+        if row.refused:
+            lines.append(f"| {row.name} | {row.gflops:.3f} | refused* | | {row.ideal_speedup:.2f}x | |")
+        else:
+            lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
+                         f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} |")
+    notes = [f"*{row.name}: {row.refused}" for row in rows if row.refused]
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -2,7 +2,8 @@
 
 A folder holds `weights.pt` (the state dict) and `autoprune.json` (timm model name and kwargs,
 class count, `PruneConfig`, and the metrics the model was chosen on). Loading needs only timm and
-autoprune: `autoprune.load(DIR)`.
+autoprune: `autoprune.load(DIR)`. An ONNX export (`onnx_export`) holds `model.onnx` instead of
+the weights, with the same manifest.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from .study_attrs import REASON, SETTINGS_ATTR
 
 MANIFEST = "autoprune.json"
 WEIGHTS = "weights.pt"
+ONNX_FILE = "model.onnx"
 PICKS = ("accuracy", "speed", "balanced")
 
 
@@ -38,8 +41,16 @@ def load(folder: str | Path, device: str = "cpu") -> nn.Module:
     if not (folder / MANIFEST).is_file():
         raise ExportError(f"{str(folder)!r} holds no exported model (no {MANIFEST})")
     manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format") == "onnx":
+        raise ExportError(f"{str(folder)!r} holds an ONNX export ({ONNX_FILE}): run it with onnxruntime, "
+                          "or export again without --format onnx for autoprune.load")
+    return model_from_manifest(manifest, folder / WEIGHTS, device)
+
+
+def model_from_manifest(manifest: dict[str, Any], weights: Path, device: str = "cpu") -> nn.Module:
+    """The timm model the manifest names, with `weights` loaded and its `PruneConfig` applied, in eval mode."""
     model = timm.create_model(manifest["model"], num_classes=manifest["num_classes"], **manifest["model_kwargs"])
-    model.load_state_dict(torch.load(folder / WEIGHTS, map_location=device, weights_only=True))
+    model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     return apply(model.to(device), PruneConfig.from_dict(manifest["prune_config"])).eval()
 
 
@@ -68,7 +79,17 @@ def pick_trial(front: list[optuna.trial.FrozenTrial], pick: str, tolerance: floa
 
 def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str | Path, force: bool = False) -> Path:
     """Write `trial`'s fine-tuned model to `out` (refusing an existing folder unless `force`)."""
-    out = Path(out)
+    manifest, checkpoint = trial_manifest(study, trial)
+
+    def write(folder: Path) -> None:
+        shutil.copyfile(checkpoint, folder / WEIGHTS)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    return write_folder(out, force, write)
+
+
+def trial_manifest(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[dict[str, Any], Path]:
+    """The manifest of a complete trial's model, and the path of its fine-tuned weights."""
     if trial.state != optuna.trial.TrialState.COMPLETE:
         reason = trial.user_attrs.get(REASON) or outcome_of(trial) or "not run yet"
         raise ExportError(f"trial {trial.number} did not finish ({trial.state.name}: {reason}); only complete trials "
@@ -76,7 +97,6 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str 
     checkpoint = Path(trial.user_attrs.get("checkpoint_path") or "")
     if not checkpoint.is_file():
         raise ExportError(f"trial {trial.number}'s weights are missing ({str(checkpoint)!r}); was studies/ moved?")
-    _check_writable(out, force)
     settings = study.user_attrs.get(SETTINGS_ATTR, {})
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     manifest: dict[str, Any] = {
@@ -91,14 +111,20 @@ def export_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, out: str 
                     ("accuracy", "top5", "test_accuracy", "flops", "params", "throughput", "speedup")},
         "train_config": trial.user_attrs.get("train_config"),
     }
+    return manifest, checkpoint
+
+
+def write_folder(out: str | Path, force: bool, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a new folder, then put it at `out` (refusing an existing folder unless `force`)."""
+    out = Path(out)
+    _check_writable(out, force)
     # written beside `out` and swapped in whole: a failed export leaves no half folder, and an
     # earlier export is replaced only once the new one is complete
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         try:
-            shutil.copyfile(checkpoint, staging / WEIGHTS)
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            write(staging)
             if out.exists():
                 shutil.rmtree(out)
             staging.rename(out)
@@ -115,7 +141,7 @@ def _check_writable(out: Path, force: bool) -> None:
         return
     if not out.is_dir() or out.is_symlink():
         raise ExportError(f"--out: {str(out)!r} exists and is not a folder; choose a folder path")
-    earlier_export = (out / MANIFEST).is_file() and set(p.name for p in out.iterdir()) <= {MANIFEST, WEIGHTS}
+    earlier_export = (out / MANIFEST).is_file() and set(p.name for p in out.iterdir()) <= {MANIFEST, WEIGHTS, ONNX_FILE}
     if earlier_export or not any(out.iterdir()):
         if not force:
             raise ExportError(f"--out: {str(out)!r} exists; choose another folder or pass --force to overwrite it")

@@ -91,3 +91,74 @@ class _Point:
 
     def __init__(self, number, accuracy, throughput):
         self.number, self.values = number, [accuracy, throughput]
+
+
+def _onnx_packages():
+    for package in ("onnx", "onnxruntime", "onnxscript"):
+        pytest.importorskip(package, reason=f"{package} is not installed: pip install -e '.[onnx]' runs these tests")
+
+
+def _complete_trial(storage):
+    """A complete trial of a reducer that exports (bat's clustering does not trace yet)."""
+    study = optuna.load_study(study_name="done", storage=storage)
+    return next(t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                and t.user_attrs["prune_config"]["reducer"] != "bat")
+
+
+def test_export_onnx_writes_the_trial_model_as_one_checked_file(finished, tmp_path, capsys):
+    _onnx_packages()
+    import torch
+
+    from autoprune.export import ExportError
+    from autoprune.onnx_export import INPUT, onnxruntime_session
+
+    workdir, storage = finished
+    trial = _complete_trial(storage)
+    common = ["export", "--study", "done", "--storage", storage, "--trial", str(trial.number)]
+    assert main([*common, "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert "model.onnx with onnxruntime" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == ["autoprune.json", "model.onnx"]
+    manifest = json.loads((tmp_path / "onnx" / "autoprune.json").read_text())
+    assert manifest["format"] == "onnx" and manifest["trial"] == trial.number
+    assert manifest["model"] == "vit_tiny_patch16_224" and manifest["model_kwargs"]["img_size"] == 32
+    assert manifest["prune_config"] == trial.user_attrs["prune_config"]
+    assert manifest["metrics"]["accuracy"] == trial.values[0]
+    assert manifest["preprocessing"]["input_size"] == [3, 32, 32]
+    with pytest.raises(ExportError, match="holds an ONNX export"):
+        autoprune.load(tmp_path / "onnx")
+
+    # the file computes what the PyTorch export of the same trial computes
+    assert main([*common, "--out", str(tmp_path / "pt")]) == 0
+    model = autoprune.load(tmp_path / "pt")
+    images = torch.randn(3, 3, 32, 32)
+    session = onnxruntime_session(tmp_path / "onnx" / "model.onnx")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(session.run(None, {INPUT: images.numpy()})[0]), model(images),
+                                   atol=1e-4, rtol=0)
+    # a model from autoprune.load exports through the API as well
+    assert (autoprune.export_onnx(model, tmp_path / "api") / "model.onnx").is_file()
+    # --force replaces an earlier ONNX export
+    assert main([*common, "--format", "onnx", "--out", str(tmp_path / "onnx"), "--force"]) == 0
+
+
+def test_export_onnx_that_cannot_be_faithful_exits_2_in_one_line(finished, tmp_path, capsys, monkeypatch):
+    _onnx_packages()
+    import torch
+
+    from autoprune.patch import TokenReducer
+
+    real_forward = TokenReducer.forward
+
+    def unlike_its_export(self, tokens, *args):
+        out = real_forward(self, tokens, *args)
+        return out.replace(x=out.x * 1.01) if torch.compiler.is_exporting() else out
+
+    monkeypatch.setattr(TokenReducer, "forward", unlike_its_export)
+    workdir, storage = finished
+    trial = _complete_trial(storage)
+    assert main(["export", "--study", "done", "--storage", storage, "--trial", str(trial.number),
+                 "--format", "onnx", "--out", str(tmp_path / "m")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    reducer = trial.user_attrs["prune_config"]["reducer"]
+    assert error.startswith(f"autoprune: --format onnx: reducer {reducer}: the ONNX graph computes something else")
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing staged left behind

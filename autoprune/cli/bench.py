@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..config import ConfigError, PruneConfig
@@ -23,22 +24,32 @@ def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
     from ..bench import benchmark, format_table
+    from ..onnx_export import OPSET, OnnxExportError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device: {args.device!r} but no CUDA device is available (use cpu)")
+    if args.backend == "onnxruntime" and args.device != "cpu":
+        raise UsageError(f"--device: {args.device!r} with --backend onnxruntime; accepted: cpu (its CPU provider)")
     configs = load_configs(args.config) if args.config else DEFAULT_BENCH_CONFIGS
     model = create_model(args.model, parse_model_kwargs(args.model_kwargs))
     try:
         rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
-                         warmup=args.warmup, device=args.device)
-    except ConfigError as error:
+                         warmup=args.warmup, device=args.device, backend=args.backend,
+                         log=lambda line: print(line, file=sys.stderr))
+    except (ConfigError, OnnxExportError) as error:
         raise UsageError(str(error)) from None
-    header = (f"model {args.model} {args.model_kwargs or ''}| device {args.device} "
-              f"({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
-              f"{torch.get_num_threads()} threads) | batch {args.batch_size} | fused attention | "
-              f"no torch.compile | median of {args.rounds} interleaved rounds")
+    if args.backend == "onnxruntime":
+        import onnxruntime
+
+        runtime = (f"onnxruntime {onnxruntime.__version__} CPU provider (fp32, {torch.get_num_threads()} threads, "
+                   f"opset {OPSET}, all graph optimisations)")
+    else:
+        runtime = (f"device {args.device} ({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
+                   f"{torch.get_num_threads()} threads) | fused attention | no torch.compile")
+    header = (f"model {args.model} {args.model_kwargs or ''}| {runtime} | batch {args.batch_size} | "
+              f"median of {args.rounds} interleaved rounds")
     table = format_table(rows)
     print(header, table, sep="\n\n")
     if args.out:
@@ -71,6 +82,9 @@ def register(commands) -> None:
     bench.add_argument("--rounds", type=int, default=7, help="timed rounds, median reported (default: %(default)s)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: %(default)s)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
+    bench.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
+                       help="run the models in PyTorch, or exported to ONNX in onnxruntime's CPU provider "
+                            "(default: %(default)s)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..study_attrs import DEFAULT_STORAGE
 from .parsing import UsageError
@@ -52,6 +53,7 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from ..export import ExportError, export_trial, pick_trial
+    from ..onnx_export import OnnxExportError, export_trial_onnx
     from ..study import pareto_front
 
     study = _study(args)
@@ -67,11 +69,18 @@ def cmd_export(args: argparse.Namespace) -> None:
                 state = "has no trials" if not study.trials else "has no complete trial within budget"
                 raise UsageError(f"study {args.study!r} {state}: nothing to export")
             trial = pick_trial(front, args.pick)
-        out = export_trial(study, trial, args.out, force=args.force)
+        if args.format == "onnx":
+            print(f"exporting trial {trial.number} to ONNX and checking it in onnxruntime...", file=sys.stderr)
+            out = export_trial_onnx(study, trial, args.out, force=args.force)
+        else:
+            out = export_trial(study, trial, args.out, force=args.force)
+    except OnnxExportError as error:
+        raise UsageError(f"--format onnx: {error}") from None
     except ExportError as error:
         raise UsageError(str(error)) from None
-    print(f"exported trial {trial.number} ({trial.values[0]:.2f}% top-1, {trial.values[1]:.0f} img/s) to {out}; "
-          f"load it with autoprune.load({str(out)!r})")
+    run = (f"run {out / 'model.onnx'} with onnxruntime (inputs and preprocessing in {out / 'autoprune.json'})"
+           if args.format == "onnx" else f"load it with autoprune.load({str(out)!r})")
+    print(f"exported trial {trial.number} ({trial.values[0]:.2f}% top-1, {trial.values[1]:.0f} img/s) to {out}; {run}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -108,6 +117,9 @@ def register(commands) -> None:
                              "(default: %(default)s)")
     export.add_argument("--out", required=True, help="folder to write (refused if it exists, unless --force)")
     export.add_argument("--force", action="store_true", help="overwrite --out")
+    export.add_argument("--format", default="pytorch", choices=("pytorch", "onnx"),
+                        help="pytorch: weights.pt for autoprune.load; onnx: one model.onnx (dynamic batch), "
+                             "checked in onnxruntime (default: %(default)s)")
     export.set_defaults(run=cmd_export)
 
     report = commands.add_parser("report", help="write a study's report: plots, front, maps (HTML, Markdown, CSV)")
