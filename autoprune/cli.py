@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from . import dashboard
 from .config import ConfigError, PruneConfig
 from .study_attrs import DEFAULT_STORAGE
 from .train import MAX_SEED
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="folder to write report.html, report.md, trials.csv and pareto.csv "
                                       "(default: studies/STUDY/)")
     report.set_defaults(run=cmd_report)
+
+    dashboard.register(commands)
     return parser
 
 
