@@ -12,7 +12,7 @@ study's dashboard API without pause (open pages, but harder). Printed per mode: 
 operations/s, their latency (median, 99th percentile, max), 'database is locked' errors, and
 reader answers/s and errors.
 
-    python benchmarks/dashboard_storage.py --seconds 30 --readers 4 --trials 300
+    python benchmarks/dashboard_storage.py --seconds 30 --readers 4 --trials 200
 
 Timings only mean something on an otherwise idle machine; the error counts mean something anywhere.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +52,15 @@ def one_trial(study: optuna.Study) -> None:
     study.tell(trial, [90.0, 800.0])
 
 
-def prepare(path: Path, trials: int) -> str:
-    url = f"sqlite:///{path}"
-    study = optuna.create_study(storage=open_storage(url), study_name="s", directions=["maximize", "maximize"])
-    study.set_metric_names(["accuracy", "throughput"])
+def prepare(path: Path, trials: int) -> None:
+    """The study every mode starts from (copied, so each starts alike)."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{path}"), study_name="s",
+                                directions=["maximize", "maximize"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["accuracy", "throughput"])
     for _ in range(trials):
         one_trial(study)
-    return url
 
 
 def serve(mode: str, url: str) -> None:
@@ -84,10 +88,14 @@ def read(port: int, seconds: float, threads: int) -> None:
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=60) as answer:
+        [study] = json.load(answer)["study_summaries"]  # ids differ: in memory from 0, in SQLite from 1
+
     def poll() -> None:
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=60) as answer:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}",
+                                            timeout=60) as answer:
                     json.load(answer)
                 with lock:
                     counts["answers"] += 1
@@ -125,10 +133,11 @@ def write(url: str, seconds: float) -> dict:
             "errors": errors, "locked": first_error if first_error and "locked" in first_error else None}
 
 
-def measure(mode: str | None, seconds: float, readers: int, trials: int) -> dict:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def measure(mode: str | None, prepared: Path, seconds: float, readers: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
-        url = prepare(Path(folder) / "studies.db", trials)
+        path = Path(folder) / "studies.db"
+        shutil.copy(prepared, path)
+        url = f"sqlite:///{path}"
         if mode is None:
             return {"mode": "no dashboard", **write(url, seconds)}
         server = subprocess.Popen([sys.executable, __file__, "--serve", mode, url], stdout=subprocess.PIPE, text=True)
@@ -149,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--readers", type=int, default=4, help="polling threads (open pages)")
-    parser.add_argument("--trials", type=int, default=300, help="trials in the study before the run")
+    parser.add_argument("--trials", type=int, default=200, help="trials in the study before the run")
     parser.add_argument("--serve", nargs=2, metavar=("MODE", "URL"), help=argparse.SUPPRESS)
     parser.add_argument("--read", nargs=3, metavar=("PORT", "SECONDS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -159,8 +168,12 @@ def main() -> None:
         return read(int(args.read[0]), float(args.read[1]), int(args.read[2]))
     print(f"{args.seconds:g} s per mode, {args.readers} polling readers, {args.trials} trials to start with, "
           f"{os.cpu_count()} CPUs")
-    for mode in (None, *MODES):
-        print(json.dumps(measure(mode, args.seconds, args.readers, args.trials)), flush=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = Path(folder) / "prepared.db"
+        prepare(prepared, args.trials)
+        for mode in (None, *MODES):
+            print(json.dumps(measure(mode, prepared, args.seconds, args.readers)), flush=True)
 
 
 if __name__ == "__main__":
