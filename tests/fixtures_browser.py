@@ -12,6 +12,7 @@ import os
 import queue
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,15 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 INSTALL = "apt-get install -y chromium"
 TIMEOUT = 60.0  # seconds for any one protocol answer or page load
+# execs the browser with the two pipe ends as its fds 3 and 4, where --remote-debugging-pipe wants
+# them (moved above 10 first, so neither end can overwrite the other)
+ONTO_FDS_3_AND_4 = """
+import fcntl, os, sys
+commands, events = (fcntl.fcntl(int(fd), fcntl.F_DUPFD, 10) for fd in sys.argv[1:3])
+os.dup2(commands, 3)
+os.dup2(events, 4)
+os.execv(sys.argv[3], sys.argv[3:])
+"""
 
 
 def find_chromium() -> str | None:
@@ -61,17 +71,12 @@ class Chromium:
         self.log = workdir / "chromium.log"
         to_browser, self._to_browser = os.pipe()      # the browser reads commands on its fd 3
         self._from_browser, from_browser = os.pipe()  # and writes answers and events on its fd 4
-
-        def wire_pipe() -> None:  # in the child, before exec: put the pipe ends on fds 3 and 4
-            reads, writes = os.dup(to_browser), os.dup(from_browser)
-            os.dup2(reads, 3)
-            os.dup2(writes, 4)
-
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [binary, *FLAGS, f"--user-data-dir={workdir / 'profile'}", "about:blank"],
+                [sys.executable, "-c", ONTO_FDS_3_AND_4, str(to_browser), str(from_browser),
+                 binary, *FLAGS, f"--user-data-dir={workdir / 'profile'}", "about:blank"],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                pass_fds=(3, 4), preexec_fn=wire_pipe)
+                pass_fds=(to_browser, from_browser))
         os.close(to_browser)
         os.close(from_browser)
         self._next_id = 0

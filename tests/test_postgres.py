@@ -11,6 +11,7 @@ from sqlalchemy.engine import make_url
 
 import autoprune
 from autoprune.cli import main
+from autoprune.dashboard import StudySnapshot
 from autoprune.search import search
 from autoprune.search.storage import open_storage
 from test_search import SLOW, TINY, assert_resumed_with_nothing_lost, kill_mid_trial, tiny_settings
@@ -73,4 +74,13 @@ def test_search_on_postgres_killed_mid_trial_resumes_and_its_results_read_back(p
     listing = out.out
     assert "killed" in listing and "Pareto front" in listing
     printed.extend([out.out, out.err, page, (workdir / "report" / "report.md").read_text()])
+
+    # the dashboard reads it too
+    snapshot = StudySnapshot(postgres_url, "killed")
+    assert len(snapshot.current().get_all_trials(0)) == result.trials_in_study
+    with pytest.raises(SystemExit) as exited:
+        main(["dashboard", "--study", "nope", "--storage", postgres_url])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"no study 'nope' in {masked}" in err
+    printed.append(err)
     assert not [text for text in printed if password in text]

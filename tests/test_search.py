@@ -219,27 +219,6 @@ def test_kill_9_mid_trial_then_resume(workdir):
     assert_resumed_with_nothing_lost(result, optuna.load_study(study_name="killed", storage=storage), complete_before)
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(workdir):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        # two trials at once, one CPU each, on nodes of one CPU each: one trial per node
-        search(tiny_settings(recipe=SLOW), trials=2, study_name="cluster", storage=storage_url(workdir),
-               cpus_per_trial=1, concurrency=2, log=lambda line: None)
-        study = optuna.load_study(study_name="cluster", storage=storage_url(workdir))
-        nodes = {t.user_attrs.get("node_id") for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"}
-        assert len(nodes) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--budget", "60%", "--model", "vit_nonexistent"], "--model: unknown timm model"),
     (["--budget", "60%", "--model-kwargs", "no_such_kwarg=1"], "--model-kwargs"),
