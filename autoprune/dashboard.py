@@ -6,8 +6,8 @@
 optuna-dashboard reads a storage directly and writes to it too (notes, renames, deletions). Here it
 reads an in-memory copy of the studies instead, taken when a page asks for data and the copy is
 more than `REFRESH_SECONDS` old: whatever the number of open pages, the storage is read at most
-that often, in short reads that never hold a lock a search waits on, and nothing the dashboard
-does can reach the study a search is driving (requests that would change a study are refused).
+that often, in a few short reads, and nothing the dashboard does can reach the study a search is
+driving (requests that would change a study are refused).
 A copy serves every storage alike (SQLite, PostgreSQL, ...), which opening a database read-only
 would not. `benchmarks/dashboard_storage.py` measures both against a writing search.
 """
@@ -194,7 +194,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     dashboard = commands.add_parser(
         "dashboard", help="show studies in optuna-dashboard (read-only, on 127.0.0.1)",
         description="Serve a storage's studies (or one) in optuna-dashboard on 127.0.0.1, read-only, from a copy "
-                    f"refreshed at most every {REFRESH_SECONDS:g} s, so a running search is never held up. "
+                    f"refreshed at most every {REFRESH_SECONDS:g} s, so a running search is not disturbed. "
                     f"Needs the dashboard extra ({INSTALL}).")
     dashboard.add_argument("--study", help="show only this study (default: every study in the storage)")
     dashboard.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL (default: %(default)s)")
