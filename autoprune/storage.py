@@ -11,6 +11,7 @@ study's system attrs, keeps it alive with a heartbeat, and refuses a second driv
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -112,10 +113,19 @@ def shown_url(url: str) -> str:
         return str(url)
 
 
+def _installed_driver(url: URL) -> URL:
+    """A plain `postgresql://` URL means psycopg2 to SQLAlchemy; the `postgres` extra installs
+    psycopg (version 3), so such a URL uses it when psycopg2 is absent."""
+    if (url.drivername == "postgresql" and importlib.util.find_spec("psycopg2") is None
+            and importlib.util.find_spec("psycopg") is not None):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Open (or create) the study storage at `url`, refusing files that are not study databases."""
     try:
-        parsed = make_url(url)
+        parsed = _installed_driver(make_url(url))
     except Exception as error:  # sqlalchemy raises ArgumentError, but a non-str raises others
         raise _cannot_open(str(url), _first_line(error)) from None
     shown = shown_url(url)
@@ -146,7 +156,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         engine_kwargs = {"pool_pre_ping": True}
 
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs)
     except ImportError as error:
         cause = _first_line(error.__cause__ or error)
         raise _cannot_open(shown, f"its database driver is not installed ({cause})") from None

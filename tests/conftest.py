@@ -1,11 +1,17 @@
-"""Small random-weight timm ViTs covering the model features reducers must respect."""
+"""Small random-weight timm ViTs covering the model features reducers must respect; the fixtures
+that start real servers (fixtures_*.py); and, under CI=true, a run that fails when any test skipped."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+
+from fixtures_browser import artifacts, chromium  # noqa: F401  (fixtures)
+from fixtures_postgres import postgres_url  # noqa: F401
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 
@@ -41,3 +47,32 @@ def images() -> torch.Tensor:
     batch[2] = torch.randn(3, 32, 32)
     batch[3, :, :, 16:] = 2 * torch.randn(3, 32, 16)
     return batch
+
+
+# -- CI: a skipped test fails the run ----------------------------------------------------------------
+# A test skips when a part it needs is missing (Chromium, PostgreSQL, a driver). Locally that is a
+# choice; in CI it would hide the part going untested, so there every skip fails the run.
+
+_skipped: list[tuple[str, str]] = []  # (test, reason) of every skip in this run
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append((report.nodeid, reason))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if _in_ci() and _skipped and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    if _in_ci() and _skipped:
+        terminalreporter.section("CI=true: a skipped test fails the run", red=True)
+        for nodeid, reason in _skipped:
+            terminalreporter.line(f"SKIPPED {nodeid}: {reason}", red=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -156,21 +157,26 @@ DRIVER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_search import SLOW, tiny_settings
     from autoprune.search import search
-    search(tiny_settings(recipe=SLOW), trials=3, study_name="killed", storage={storage!r})
+    search(tiny_settings(recipe=SLOW), trials=3, study_name={study!r}, storage={storage!r})
 """)
 
 
-def test_kill_9_mid_trial_then_resume(workdir):
-    storage = storage_url(workdir)
-    driver = subprocess.Popen([sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests"), storage=storage)],
-                              cwd=workdir, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def kill_mid_trial(workdir: Path, storage: str, study_name: str = "killed",
+                   while_training: Callable[[], None] | None = None) -> list[int]:
+    """Run a 3-trial search in another process and SIGKILL it, with its Ray processes, while a
+    trial is in training and another has completed; returns the numbers of the completed ones.
+    `while_training` runs once at such a moment, before the kill (the search still holds its study)."""
+    script = DRIVER.format(tests=str(ROOT / "tests"), storage=storage, study=study_name)
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=workdir, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     complete_before: list[int] = []
+    opened = open_storage(storage)
     try:
         while time.time() < deadline:
             time.sleep(0.2)
             try:
-                study = optuna.load_study(study_name="killed", storage=storage)
+                study = optuna.load_study(study_name=study_name, storage=opened)
             except KeyError:
                 continue
             complete_before = [t.number for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
@@ -178,14 +184,22 @@ def test_kill_9_mid_trial_then_resume(workdir):
             training = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
                         and "ray_trial_id" in t.user_attrs and OUTCOME not in t.user_attrs]
             if complete_before and training:
-                break
+                if while_training is None:
+                    break
+                while_training()
+                while_training = None  # then look again: the kill must still find a trial in training
         else:
             pytest.fail("the search never had a finished and a running trial at once")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes, at once
         driver.wait()
-    result = search(tiny_settings(recipe=SLOW), trials=3, study_name="killed", storage=storage, log=lambda line: None)
-    study = optuna.load_study(study_name="killed", storage=storage)
+        opened.engine.dispose()
+    return complete_before
+
+
+def assert_resumed_with_nothing_lost(result, study: optuna.Study, complete_before: list[int]) -> None:
+    """The resumed search reached its 3 trials; what completed before the kill is intact; the trial
+    the kill interrupted is marked so and ran again with the same parameters."""
     outcomes = [t.user_attrs.get(OUTCOME) for t in study.trials]
     seen = f"complete before the kill: {complete_before}; after resuming: " + ", ".join(
         f"{t.number} {t.state.name} {t.user_attrs.get(OUTCOME)}" for t in study.trials)
@@ -198,25 +212,11 @@ def test_kill_9_mid_trial_then_resume(workdir):
     assert all(t.params == study.trials[t.user_attrs[RETRY_OF]].params for t in retried)
 
 
-def test_two_node_cluster_runs_trials_on_both_nodes(workdir):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        # two trials at once, one CPU each, on nodes of one CPU each: one trial per node
-        search(tiny_settings(recipe=SLOW), trials=2, study_name="cluster", storage=storage_url(workdir),
-               cpus_per_trial=1, concurrency=2, log=lambda line: None)
-        study = optuna.load_study(study_name="cluster", storage=storage_url(workdir))
-        nodes = {t.user_attrs.get("node_id") for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"}
-        assert len(nodes) == 2
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+def test_kill_9_mid_trial_then_resume(workdir):
+    storage = storage_url(workdir)
+    complete_before = kill_mid_trial(workdir, storage)
+    result = search(tiny_settings(recipe=SLOW), trials=3, study_name="killed", storage=storage, log=lambda line: None)
+    assert_resumed_with_nothing_lost(result, optuna.load_study(study_name="killed", storage=storage), complete_before)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import socket
@@ -26,6 +27,7 @@ from autoprune.storage import (
     shown_url,
 )
 from autoprune.study_attrs import DEFAULT_STORAGE, LEASE_KEY
+from fixtures_postgres import INSTALL_DRIVER, driver_installed
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -228,17 +230,7 @@ def unused_port() -> int:
         return probe.getsockname()[1]
 
 
-def postgres_driver_missing() -> str | None:
-    """The name of the driver SQLAlchemy uses for postgresql:// when it is not installed, else None."""
-    dialect = make_url("postgresql://x@127.0.0.1/db").get_dialect()
-    try:
-        dialect.import_dbapi()
-    except ImportError:
-        return dialect.driver
-    return None
-
-
-@pytest.mark.skipif(postgres_driver_missing() is not None, reason="no PostgreSQL driver (psycopg/psycopg2) installed")
+@pytest.mark.skipif(not driver_installed(), reason=f"needs a PostgreSQL driver ({INSTALL_DRIVER})")
 def test_open_storage_postgres_unreachable_is_refused_quickly() -> None:
     url = f"postgresql://someone:secret@127.0.0.1:{unused_port()}/db?connect_timeout=2"
     start = time.monotonic()
@@ -249,12 +241,25 @@ def test_open_storage_postgres_unreachable_is_refused_quickly() -> None:
     assert "secret" not in str(caught.value)  # the password is masked
 
 
-@pytest.mark.skipif(postgres_driver_missing() is None, reason="a PostgreSQL driver is installed")
-def test_open_storage_postgres_without_driver_is_refused() -> None:
+def test_open_storage_postgres_without_driver_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    for driver in ("psycopg2", "psycopg"):  # as if neither were installed
+        monkeypatch.setitem(sys.modules, driver, None)
     url = f"postgresql://someone:secret@127.0.0.1:{unused_port()}/db"
     with pytest.raises(StorageError, match="driver is not installed") as caught:
         open_storage(url)
     assert "secret" not in str(caught.value)
+
+
+def test_a_plain_postgresql_url_uses_psycopg_when_psycopg2_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoprune.storage import _installed_driver
+
+    installed = {"psycopg"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    assert _installed_driver(make_url("postgresql://u:pw@h/db")).drivername == "postgresql+psycopg"
+    assert _installed_driver(make_url("postgresql+psycopg2://u@h/db")).drivername == "postgresql+psycopg2"
+    assert _installed_driver(make_url("sqlite:///a.db")).drivername == "sqlite"
+    installed.add("psycopg2")  # SQLAlchemy's own default
+    assert _installed_driver(make_url("postgresql://u:pw@h/db")).drivername == "postgresql"
 
 
 # -- settings_diff --------------------------------------------------------------------------------

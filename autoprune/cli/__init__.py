@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import dashboard
 from . import bench, search, studies
 from .parsing import UsageError, load_configs, parse_model_kwargs
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     line here."""
     parser = argparse.ArgumentParser(prog="autoprune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    for module in (bench, search, studies):
+    for module in (bench, search, studies, dashboard):
         module.register(commands)
     return parser
 

@@ -23,7 +23,7 @@ import optuna
 import torch
 
 from ..config import PruneConfig
-from ..data import SyntheticOptions, load_datasets, model_data_config
+from ..data import DataSpec, SyntheticOptions, load_datasets, model_data_config, parse_data_spec
 from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
@@ -348,8 +348,11 @@ def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_
     try:
         cpus = cpus_per_trial or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)) // concurrency)
         home = (Path("studies") / study_name).resolve()
+        data = parse_data_spec(settings.data)
+        if data.path is not None:  # Ray Tune runs each trial in its own folder: relative paths break there
+            data = DataSpec(data.kind, str(Path(data.path).resolve()))
         context = {
-            "model": dataclasses.asdict(settings.model), "data": settings.data,
+            "model": dataclasses.asdict(settings.model), "data": str(data),
             "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
             "device": settings.device, "threads": cpus,
             "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
