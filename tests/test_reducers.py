@@ -479,6 +479,22 @@ def test_bat_output_tokens():
     same(bat(tokens, t([scores]), keep=9, clusters=2, knn=2, pairs=1), tokens)
 
 
+def test_bat_traces_with_torch_export():
+    """No data-dependent Python control flow: the exported graph, traced on one input, gives the
+    eager result on other data of the same shape."""
+    class Bat(torch.nn.Module):
+        def forward(self, x, scores):
+            out = bat(Tokens(x=x, size=torch.ones(x.shape[:2]), prefix=1), scores, keep=10, clusters=3, knn=3, pairs=2)
+            return out.x, out.size
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, 21, 16, generator=generator), torch.rand(2, 20, generator=generator)) for _ in range(2)]
+    exported = torch.export.export(Bat(), inputs[0]).module()
+    for x, scores in inputs:
+        for got, expected in zip(exported(x, scores), Bat()(x, scores)):
+            assert_close(got, expected, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # sait
 # ------------------------------------------------------------------------------------------------
