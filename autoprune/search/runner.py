@@ -125,9 +125,8 @@ def search(
                       None, ValueError)
     probe.reset_classifier(datasets.num_classes)  # the head is part of the FLOPs
     if settings.teacher is not None:  # built, and checked against every distillation the space samples
-        teacher = _parse(settings.teacher.load, None, TeacherError)
         try:
-            check_teacher(teacher, probe, space.distill_kinds())
+            check_teacher(_parse(settings.teacher.load, None, TeacherError), probe, space.distill_kinds())
         except DistillationError as error:
             raise SearchError(f"--teacher {settings.teacher.name}: {error}") from None
     optuna_storage = _parse(open_storage, storage, StorageError)
