@@ -123,10 +123,10 @@ class CostProfile:
     def flops(self, cfg: PruneConfig | None) -> int:
         total = self.fixed + self.per_token_start * (self.prefix + self.patches)
         n_last = self.patches
-        for block, (n_attn, n_mlp) in enumerate(block_token_counts(cfg, self.depth, self.patches)):
-            a, m = self.prefix + n_attn, self.prefix + n_mlp
+        for block, counts in enumerate(block_token_counts(cfg, self.depth, self.patches)):
+            a, m = self.prefix + counts.attn, self.prefix + counts.mlp
             total += self.attn_token[block] * a + self.attn_pair[block] * a * a + self.mlp_token[block] * m
-            n_last = n_mlp
+            n_last = counts.out
         return total + self.per_token_end * (self.prefix + n_last)
 
 

@@ -29,6 +29,8 @@ class TokenReducer(nn.Module):
         self.cfg = cfg
         self.target_keep_rate, self.target_r = cfg.amount(index)
         self.needs_probs = cfg.score in reducers.NEEDS_PROBS
+        # SaiT runs its block P dense, MLP included, and prunes as tokens leave it
+        self.after_mlp = cfg.reducer == "sait"
         self.strength = 1.0
 
     def extra_repr(self) -> str:
@@ -67,7 +69,7 @@ class TokenReducer(nn.Module):
             return reducers.tps(tokens, scores, keep, cfg.temperature)
         if cfg.reducer == "bat":
             pairs, clusters = bat_counts(n, keep, cfg.clusters, cfg.pairs)
-            return reducers.bat(tokens, scores, _key_metric(k, tokens), keep, clusters, cfg.knn, pairs)
+            return reducers.bat(tokens, scores, keep, clusters, cfg.knn, pairs)
         return reducers.sait(tokens, scores, keep)
 
 
@@ -102,15 +104,20 @@ def attention_parts(attn: Attention, x: Tensor, bias: Tensor | None, need_probs:
 
 
 class ReducingBlock(Block):
-    """A timm `Block` that reduces tokens between its attention and its MLP (reducers.md)."""
+    """A timm `Block` that reduces tokens between its attention and its MLP (reducers.md), or,
+    for SaiT, after its MLP, with scores from its attention either way."""
 
     reducer: TokenReducer
 
     def forward_tokens(self, tokens: Tokens, bias: Tensor | None) -> Tokens:
         x = tokens.x
         y, q, k, v, probs = attention_parts(self.attn, self.norm1(x), bias, self.reducer.needs_probs)
-        tokens = self.reducer(tokens.replace(x=x + self.drop_path1(self.ls1(y))), q, k, v,
-                              self.attn.scale, bias, probs)
+        tokens = tokens.replace(x=x + self.drop_path1(self.ls1(y)))
+        if self.reducer.after_mlp:
+            return self.reducer(self._mlp(tokens), q, k, v, self.attn.scale, bias, probs)
+        return self._mlp(self.reducer(tokens, q, k, v, self.attn.scale, bias, probs))
+
+    def _mlp(self, tokens: Tokens) -> Tokens:
         x = tokens.x
         return tokens.replace(x=x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
 
@@ -215,10 +222,10 @@ def apply(model: nn.Module, cfg: PruneConfig | None) -> nn.Module:
 def _check_model(model: VisionTransformer, cfg: PruneConfig, layers: tuple[int, ...]) -> None:
     if model.attn_pool is not None:
         raise ConfigError("apply: models with attention pooling (global_pool='map') are not supported")
-    if cfg.score in ("cls", "cls_vnorm") and model.cls_token is None:
+    if cfg.score in ("cls", "cls_vnorm", "mean") and model.cls_token is None:
         raise ConfigError(
             f"PruneConfig.score: {cfg.score!r} needs a class token and this model has none "
-            "(accepted here: tis, entropy, mean)")
+            "(accepted here: tis, entropy)")
     for layer in layers:
         block = model.blocks[layer]
         if type(block) is not Block or type(block.attn) is not Attention:

@@ -6,6 +6,7 @@ All counts are of non-prefix tokens (prefix tokens are never reduced).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from .config import ConfigError, PruneConfig
 
@@ -49,14 +50,24 @@ def tokens_after(cfg: PruneConfig, index: int, n: int) -> int:
     return kept  # tps, sait (value-based)
 
 
-def block_token_counts(cfg: PruneConfig | None, depth: int, n: int) -> list[tuple[int, int]]:
-    """(tokens seen by attention, tokens seen by the MLP) for each block, non-prefix only."""
+class BlockCounts(NamedTuple):
+    """Non-prefix tokens one block's attention and MLP see, and how many leave it."""
+
+    attn: int
+    mlp: int
+    out: int
+
+
+def block_token_counts(cfg: PruneConfig | None, depth: int, n: int) -> list[BlockCounts]:
+    """Token counts of each block: a reducing block reduces between its attention and its MLP,
+    except SaiT's, which runs dense and reduces as tokens leave it."""
     layers = () if cfg is None else cfg.resolved_layers(depth)
     position = {layer: i for i, layer in enumerate(layers)}
     counts = []
     for block in range(depth):
-        n_attn = n
+        n_in = n
         if block in position:
             n = tokens_after(cfg, position[block], n)
-        counts.append((n_attn, n))
+        after_mlp = block in position and cfg.reducer == "sait"
+        counts.append(BlockCounts(attn=n_in, mlp=n_in if after_mlp else n, out=n))
     return counts

@@ -19,13 +19,11 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
-from torch import Tensor, nn
+from torch import nn
 
 from .data import make_loader
-from .patch import ReducedVisionTransformer, TokenReducer, set_strength
-from .reducers import cls_attention
-
-DISTILL_KINDS = ("logits", "tis", "features")
+from .distill import DISTILL_KINDS, FEATURE_KINDS, Distillation
+from .patch import set_strength
 
 
 class TrainingFailed(RuntimeError):
@@ -35,7 +33,8 @@ class TrainingFailed(RuntimeError):
 @dataclass(frozen=True)
 class TrainConfig:
     """A fine-tuning recipe. `epochs` may be fractional (quick trials); warm-ups are fractions of
-    the whole run. `distill` picks the distillation loss (with weight `beta`; 0 disables it)."""
+    the whole run. `distill` picks the distillation loss (with weight `beta`; 0 disables it):
+    logits, tis, features or features_cls (distill.py)."""
 
     epochs: float = 1.0
     batch_size: int = 64
@@ -98,76 +97,6 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-# -- distillation -----------------------------------------------------------------------------------
-
-class _Capture:
-    """Forward hooks that keep what distillation needs from one forward pass."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self.handles: list = []
-
-    def hook(self, module: nn.Module, key: str, pick: Callable) -> None:
-        self.handles.append(module.register_forward_hook(
-            lambda mod, args, out: self.values.__setitem__(key, pick(mod, args, out))))
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-def _last_block_cls_attention(teacher: nn.Module, capture: _Capture) -> None:
-    """Teacher's last-block CLS attention (head mean) from the input of its attention module."""
-    attn = teacher.blocks[-1].attn
-
-    def pick(mod, args, out):
-        x = args[0]
-        batch, count, _ = x.shape
-        qkv = mod.qkv(x).reshape(batch, count, 3, mod.num_heads, mod.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = mod.q_norm(qkv[0]), mod.k_norm(qkv[1])
-        return cls_attention(q, k, mod.scale, None).mean(dim=1)
-
-    capture.hook(attn, "teacher_cls_attention", pick)
-
-
-def tis_star(probs: Tensor, prefix: int) -> Tensor:
-    """SaiT's TIS*: per head, softmax over tokens of the attention column sums; then head mean."""
-    column_sums = probs.sum(dim=2)[:, :, prefix:]
-    return column_sums.softmax(dim=-1).mean(dim=1)
-
-
-def tis_distillation(student_probs: Tensor, teacher_cls: Tensor, prefix: int) -> Tensor:
-    """KL(TIS* || teacher CLS attention) over the non-prefix tokens (SaiT)."""
-    p = tis_star(student_probs, prefix)
-    q = teacher_cls[:, prefix:]
-    q = q / q.sum(dim=1, keepdim=True)
-    return (p * (p.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(dim=1).mean()
-
-
-def logit_distillation(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """KL(teacher || student) on temperature-softened logits, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1),
-                    reduction="batchmean", log_target=True) * t * t
-
-
-def feature_distillation(student: nn.Module, student_features: Tensor, teacher_features: Tensor) -> Tensor:
-    """MSE of the CLS token and of every retained token against the teacher's features of the
-    patches it holds (size-weighted mean over its sources), padding excluded."""
-    prefix = student.num_prefix_tokens
-    cls_loss = F.mse_loss(student_features[:, :prefix], teacher_features[:, :prefix])
-    if not isinstance(student, ReducedVisionTransformer):  # dense student: token j is patch j
-        return cls_loss + F.mse_loss(student_features[:, prefix:], teacher_features[:, prefix:])
-    tokens = student.final_tokens
-    source = tokens.source[:, prefix:]
-    target = source @ teacher_features[:, prefix:].float() / tokens.size[:, prefix:, None]
-    error = (student_features[:, prefix:].float() - target).square().mean(dim=-1)
-    if tokens.valid is not None:
-        valid = tokens.valid[:, prefix:].float()
-        return cls_loss + (error * valid).sum() / valid.sum()
-    return cls_loss + error.mean()
-
-
 # -- the training loop --------------------------------------------------------------------------
 
 @dataclass
@@ -188,36 +117,26 @@ def fine_tune(
 ) -> list[EpochRecord]:
     """Train `model` in place on `train_set` with recipe `cfg`; return one record per (partial) epoch.
 
-    `teacher` is needed when cfg.beta > 0. After each epoch (and at the end of a fractional one)
-    the model is evaluated on `val_set` when given and `on_epoch` receives the record; it may
-    raise to stop training (a scheduler's early stop). Raises TrainingFailed on a non-finite loss
-    or CUDA out-of-memory."""
+    `teacher` (any timm model; distill.py says what each kind needs of it) is needed when
+    cfg.beta > 0. After each epoch (and at the end of a fractional one) the model is evaluated
+    on `val_set` when given and `on_epoch` receives the record; it may raise to stop training
+    (a scheduler's early stop). Raises TrainingFailed on a non-finite loss or CUDA out-of-memory."""
     device = model_device(model)
-    distilling = cfg.beta > 0
-    if distilling and teacher is None:
+    if cfg.beta > 0 and teacher is None:
         raise ValueError("fine_tune: beta > 0 needs a teacher")
-    reducing = [m for m in model.modules() if isinstance(m, TokenReducer)]
-    if distilling and cfg.distill == "tis" and not (reducing and reducing[0].needs_probs):
-        raise ValueError("fine_tune: distill='tis' needs a sait (or tis/entropy/mean-scored) student")
     seed_everything(cfg.seed)
     loader = make_loader(train_set, cfg.batch_size, train=True, workers=cfg.workers, device=device, seed=cfg.seed)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError(f"fine_tune: the training set ({len(train_set)} images) is smaller than one batch ({cfg.batch_size})")
+    distillation = Distillation(cfg.distill, model, teacher, cfg.distill_temperature) if cfg.beta > 0 else None
     total_steps = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if distillation is not None and distillation.parameters():
+        optimizer.add_param_group({"params": distillation.parameters(), "weight_decay": cfg.weight_decay})
     scheduler = CosineLRScheduler(optimizer, t_initial=total_steps, lr_min=cfg.min_lr,
                                   warmup_t=round(cfg.warmup * total_steps), warmup_lr_init=cfg.lr * 1e-3,
                                   t_in_epochs=False)
-    capture = _Capture()
-    tracks_sources = distilling and cfg.distill == "features" and isinstance(model, ReducedVisionTransformer)
-    if distilling:
-        teacher.eval()
-        if cfg.distill == "tis":
-            capture.hook(reducing[0], "student_probs", lambda mod, args, out: args[6])
-            _last_block_cls_attention(teacher, capture)
-        if tracks_sources:
-            model.track_source = True
     records: list[EpochRecord] = []
     step, epoch = 0, 0
     try:
@@ -232,7 +151,7 @@ def fine_tune(
                 labels = labels.to(device, non_blocking=True)
                 ramp = 1.0 if cfg.keep_rate_warmup == 0 else _cosine_ramp(step / (cfg.keep_rate_warmup * total_steps))
                 set_strength(model, 0.0 if dense_epoch else ramp)
-                loss = _train_step(model, teacher, capture, images, labels, cfg, optimizer, device)
+                loss = _train_step(model, distillation, images, labels, cfg, optimizer, device)
                 scheduler.step_update(step + 1)
                 if not math.isfinite(loss):
                     raise TrainingFailed(f"loss became {loss} at step {step + 1} (epoch {epoch + 1}); "
@@ -250,10 +169,9 @@ def fine_tune(
     except torch.cuda.OutOfMemoryError:
         raise TrainingFailed(f"out of memory on {device} at batch size {cfg.batch_size}") from None
     finally:
-        capture.remove()
+        if distillation is not None:
+            distillation.close(model)
         set_strength(model, 1.0)
-        if tracks_sources:
-            model.track_source = False
     return records
 
 
@@ -262,32 +180,20 @@ def _cosine_ramp(progress: float) -> float:
     return 1.0 if progress >= 1 else 0.5 * (1 - math.cos(math.pi * progress))
 
 
-def _train_step(model, teacher, capture, images, labels, cfg: TrainConfig, optimizer, device) -> float:
+def _train_step(model, distillation: Distillation | None, images, labels, cfg: TrainConfig, optimizer,
+                device) -> float:
     with autocast_for(device):
-        if cfg.beta > 0 and cfg.distill == "features":
+        features = None
+        if distillation is not None and cfg.distill in FEATURE_KINDS:
             features = model.forward_features(images)
             logits = model.forward_head(features)
         else:
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        if cfg.beta > 0:
-            with torch.no_grad():
-                if cfg.distill == "features":
-                    teacher_features = teacher.forward_features(images)
-                else:
-                    teacher_logits = teacher(images)
-            if cfg.distill == "logits":
-                extra = logit_distillation(logits.float(), teacher_logits.float(), cfg.distill_temperature)
-            elif cfg.distill == "tis":
-                probs = capture.values.get("student_probs")
-                # a dense (alternate) epoch runs no reducer: nothing to distil into
-                extra = (tis_distillation(probs.float(), capture.values["teacher_cls_attention"].float(),
-                                          model.num_prefix_tokens)
-                         if probs is not None else logits.new_zeros(()))
-                capture.values.pop("student_probs", None)
-            else:
-                extra = feature_distillation(model, features, teacher_features)
-            loss = loss + cfg.beta * extra
+        if distillation is not None:
+            # tis: in SaiT's dense epochs (strength 0) the student's block P attention is
+            # captured and distilled all the same; only the pruning is off
+            loss = loss + cfg.beta * distillation.loss(model, images, logits, features)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad is not None:

@@ -30,6 +30,7 @@ from .config import PruneConfig
 from .data import Datasets, SyntheticOptions, make_loader
 from .flops import count_flops
 from .patch import apply, set_strength
+from .teacher import TeacherSpec
 from .train import EpochRecord, TrainConfig, evaluate, fine_tune, model_device, seed_everything
 
 DEFAULT_CACHE = Path("studies") / "baselines"
@@ -209,7 +210,7 @@ def run_trial(
     datasets: Datasets,
     prune_config: PruneConfig,
     train_config: TrainConfig,
-    teacher: nn.Module | None = None,
+    teacher: nn.Module | TeacherSpec | None = None,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     flops_images: int = 256,
     throughput_rounds: int = 5,
@@ -217,14 +218,17 @@ def run_trial(
 ) -> TrialResult:
     """Reduce a copy of the baseline with `prune_config`, fine-tune it, and measure it.
 
-    The teacher for distillation (train_config.beta > 0) defaults to the dense baseline.
+    The teacher for distillation (train_config.beta > 0) is the dense baseline unless `teacher`
+    gives another model, or a `TeacherSpec` to load one (e.g. a DINO ViT for SaiT's tis).
     With `save_to`, the fine-tuned weights are written there (a state dict; the config is in the
     result)."""
     started = time.perf_counter()
-    seed_everything(train_config.seed)
-    model = apply(baseline.fresh_copy(), prune_config)
     if train_config.beta > 0 and teacher is None:
         teacher = baseline.model
+    if train_config.beta > 0 and isinstance(teacher, TeacherSpec):
+        teacher = teacher.load()
+    seed_everything(train_config.seed)
+    model = apply(baseline.fresh_copy(), prune_config)
     history = fine_tune(model, datasets.train, train_config, teacher=teacher, val_set=datasets.val, on_epoch=on_epoch)
     model.eval()
     if save_to is not None:

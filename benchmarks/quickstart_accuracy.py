@@ -2,8 +2,10 @@
 with no fine-tuning, after the preset's short fine-tune, and with distillation (beta > 0).
 
     .venv/bin/python benchmarks/quickstart_accuracy.py [--out benchmarks/quickstart_accuracy.md]
+                                                       [--only "bat 0.7 c3 p2" "sait M0.7"]
 
-Trains (or reads from studies/baselines) the quickstart dense baseline first.
+Trains (or reads from studies/baselines) the quickstart dense baseline first. With --only, just
+those rows are measured and replaced in --out; the other rows stay as they are.
 """
 
 import argparse
@@ -33,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/quickstart_accuracy.md")
     parser.add_argument("--beta", type=float, default=1.0)
+    parser.add_argument("--only", nargs="+", choices=list(CONFIGS), help="measure these rows only")
     args = parser.parse_args()
     torch.set_num_threads(2)
     preset = get_preset("quickstart")
@@ -44,6 +47,8 @@ def main() -> None:
     dense_flops = baseline.metrics["flops"]
     rows = [f"| dense | {dense_flops / 1e6:.1f} | {baseline.metrics['val']['top1']:.2f} | | | | |"]
     for name, cfg in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
         model = apply(baseline.fresh_copy(), cfg)
         no_ft = evaluate(model, datasets.val, preset.trial.batch_size, preset.trial.workers)["top1"]
         flops = count_flops(model, next(iter(torch.utils.data.DataLoader(datasets.val, batch_size=256)))[0])
@@ -67,9 +72,21 @@ def main() -> None:
         "| config | MFLOPs | no fine-tune | fine-tuned | fine-tuned + distillation | speedup | trial time |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    with open(args.out, "w") as handle:
-        handle.write("\n".join(header + rows) + "\n")
+    if args.only:
+        _replace_rows(args.out, rows[1:])
+    else:
+        with open(args.out, "w") as handle:
+            handle.write("\n".join(header + rows) + "\n")
     print(f"wrote {args.out}")
+
+
+def _replace_rows(path: str, rows: list[str]) -> None:
+    """Put the measured rows in place of the rows of the same config in an existing table."""
+    lines = open(path).read().splitlines()
+    by_name = {row.split("|")[1].strip(): row for row in rows}
+    lines = [by_name.get(line.split("|")[1].strip(), line) if line.startswith("| ") else line for line in lines]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

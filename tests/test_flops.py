@@ -56,6 +56,7 @@ def fixed_schedule_configs(variant: str) -> list[PruneConfig]:
         PruneConfig(reducer="tps", layers=(1,), r=40, **score),
         PruneConfig(reducer="bat", layers=(1, 2), keep_rate=0.5, clusters=4, knn=3, pairs=3, **score),
         PruneConfig(reducer="sait", layers=(2,), keep_rate=0.3),
+        PruneConfig(reducer="sait", layers=(3,), r=50),  # the final norm sees the pruned tokens
     ]
 
 
@@ -65,6 +66,18 @@ def test_prediction_matches_measurement(variant):
     for cfg in fixed_schedule_configs(variant):
         measured = count_flops(apply(model, cfg))
         assert predict_flops(model, cfg) == pytest.approx(measured, rel=0.005), cfg
+
+
+def test_sait_block_costs_its_mlp_on_every_token():
+    """Block P runs dense: against EViT without fusing, which prunes before its MLP, sait costs
+    exactly the MLP on the pruned tokens more."""
+    model = make_model()
+    sait = predict_flops(model, PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5))
+    evit = predict_flops(model, PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5, fuse=False))
+    mlp = model.blocks[1].mlp
+    per_token = mlp.fc1.in_features * mlp.fc1.out_features * 2 + 5 * model.embed_dim  # fc1, fc2, norm2
+    assert sait - evit == 32 * per_token
+    assert count_flops(apply(model, PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5))) == pytest.approx(sait, rel=0.005)
 
 
 def test_adaptive_flops_are_averaged_over_images(images):

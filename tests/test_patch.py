@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from autoprune import PruneConfig, apply, remove
+from autoprune import ConfigError, PruneConfig, apply, remove
 from autoprune.patch import TokenReducer, set_strength
 from autoprune.reducers import token_scores
 from autoprune.schedule import block_token_counts
@@ -23,7 +23,7 @@ def configs_for(variant: str, full: bool) -> list[PruneConfig]:
         PruneConfig(reducer="tps", layers=(1, 2), keep_rate=rate, **score),
         PruneConfig(reducer="bat", layers=(1, 2), keep_rate=rate, clusters=3, knn=3, pairs=2, **score),
         PruneConfig(reducer="sait", layers=(1,), keep_rate=rate),
-        PruneConfig(reducer="sait", layers=(1,), keep_rate=rate, score="mean"),
+        PruneConfig(reducer="sait", layers=(1,), keep_rate=rate, score="entropy" if score else "mean"),
     ]
     if full:
         configs.append(PruneConfig(reducer="sait", layers=(1,), mass_threshold=1.0))
@@ -54,7 +54,7 @@ def test_token_counts_per_layer_follow_the_schedule(variant, images):
             model(images)
         for hook in hooks:
             hook.remove()
-        expected = [prefix + n_mlp for _, n_mlp in block_token_counts(cfg, 4, 64)]
+        expected = [prefix + counts.out for counts in block_token_counts(cfg, 4, 64)]
         assert seen == [expected[layer] for layer in cfg.resolved_layers(4)], cfg
         assert seen[-1] < prefix + 64, cfg
 
@@ -72,6 +72,27 @@ def test_batched_output_equals_per_image_output(variant, images):
             batched = model(images)
             alone = torch.cat([model(image[None]) for image in images])
         torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4, msg=lambda m: f"{cfg}: {m}")
+
+
+@pytest.mark.parametrize("cfg", [PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5),
+                                 PruneConfig(reducer="sait", layers=(1,), mass_threshold=0.6)])
+def test_sait_block_runs_dense_and_prunes_as_tokens_leave_it(cfg, images):
+    """SaiT's block P runs its MLP on every token; the next block sees the kept ones."""
+    model = apply(make_model(), cfg)
+    seen = {}
+    hooks = [model.blocks[i].mlp.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, args[0].shape[1])) for i in (1, 2)]
+    with torch.no_grad():
+        model(images)
+    for hook in hooks:
+        hook.remove()
+    assert seen[1] == 1 + 64
+    assert seen[2] == model.final_tokens.x.shape[1] < 1 + 64
+
+
+def test_mean_score_needs_a_class_token():
+    with pytest.raises(ConfigError, match="'mean' needs a class token"):
+        apply(make_model("avgpool_no_class_token"), PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5, score="mean"))
 
 
 def test_mass_based_sait_keeps_a_different_count_per_image(images):

@@ -20,6 +20,7 @@ from autoprune.reducers import (
     bat,
     density_peak_clusters,
     evit,
+    merge_attentive_pairs,
     ppt,
     sait,
     sait_mass,
@@ -323,15 +324,24 @@ def test_tps_temperature_one():
 
 
 def test_tps_temperature_half():
+    # The host weighs exp(1 / T) (its similarity to itself is 1), at the same temperature as its
+    # guests. (This test used to expect the published code's constant host weight e.)
     out = tps(_tps_tokens(), t([TPS_SCORES]), keep=2, temperature=0.5)
-    # weights exp(cos / 0.5): j3 -> e^2, j1 and j4 -> e^1.6
-    # K0' = (e*[1,0] + e^2*[5,0]) / (e + e^2) = [(1 + 5e) / (1 + e), 0] = [3.924234, 0]
-    # K2' = [0, (2e + 8 e^1.6) / (e + 2 e^1.6)] = [0, 45.060823 / 12.624347] = [0, 3.569359]
-    k0 = (1 + 5 * E) / (1 + E)
-    k2 = (2 * E + 8 * math.exp(1.6)) / (E + 2 * math.exp(1.6))
-    close(out.x, [[TPS_CLS, [k0, 0.0], [0.0, k2]]])
-    close(out.x[0, 1:, :].flatten()[[0, 3]], [3.924234, 3.569359], rtol=1e-6, atol=1e-6)
+    # weights exp(cos / 0.5): hosts e^2, j3 -> e^2, j1 and j4 -> e^1.6
+    # K0' = (e^2*[1,0] + e^2*[5,0]) / (e^2 + e^2) = [3, 0]
+    # K2' = [0, (2e^2 + 8 e^1.6) / (e^2 + 2 e^1.6)] = [0, 54.402370 / 17.295121] = [0, 3.145533]
+    k2 = (2 * E ** 2 + 8 * math.exp(1.6)) / (E ** 2 + 2 * math.exp(1.6))
+    close(out.x, [[TPS_CLS, [3.0, 0.0], [0.0, k2]]])
+    close(out.x[0, 2, 1], 3.145533, rtol=1e-6, atol=1e-6)
     close(out.size, [[1.0, 5.0, 10.0]])
+
+
+def test_tps_low_temperature_does_not_overflow():
+    # T = 0.01: exp(1 / T) = e^100 overflows float32; the softmax is computed shifted by -1/T.
+    # K0' = (1*[1,0] + e^0*[5,0]) / 2 = [3, 0]; K2's guests weigh e^(-20) = 2.1e-9 each:
+    # K2' = [0, (2 + 8 e^-20) / (1 + 2 e^-20)] = [0, 2 + 4e^-20 - ...] = [0, 2.0000000082]
+    out = tps(_tps_tokens(), t([TPS_SCORES]), keep=2, temperature=0.01)
+    close(out.x, [[TPS_CLS, [3.0, 0.0], [0.0, 2.0]]])
 
 
 def test_tps_keep_all_is_identity():
@@ -342,25 +352,27 @@ def test_tps_keep_all_is_identity():
 # ------------------------------------------------------------------------------------------------
 # bat
 # ------------------------------------------------------------------------------------------------
-# 1-D points a=0, b=1, c=3, d=8, e=9, f=9.5, knn = 2 (mean squared distance to the 2 nearest):
-#   a: b 1, c 3    -> (1 + 9) / 2     = 5      rho = e^-5
-#   b: a 1, c 2    -> (1 + 4) / 2     = 2.5    rho = e^-2.5
-#   c: b 2, a 3    -> (4 + 9) / 2     = 6.5    rho = e^-6.5
-#   d: e 1, f 1.5  -> (1 + 2.25) / 2  = 1.625  rho = e^-1.625
-#   e: f .5, d 1   -> (.25 + 1) / 2   = 0.625  rho = e^-0.625 (densest)
-#   f: e .5, d 1.5 -> (.25 + 2.25) / 2 = 1.25  rho = e^-1.25
-# delta (distance to the nearest denser point; the largest distance for the densest):
-#   e: 9 (or 9.5 globally)  rho*delta = 0.535 * 9   = 4.82
-#   b: d at 7               rho*delta = 0.0821 * 7  = 0.575
-#   d: e at 1               rho*delta = 0.197
-#   f: e at .5              rho*delta = 0.287 * .5  = 0.143
-#   a: b at 1               rho*delta = 0.0067
-#   c: b at 2               rho*delta = 0.0030
-# centres by rho*delta: e (cluster 0), b (cluster 1), then d (cluster 2 when c = 3).
+# 1-D points a=0, b=1, c=3, d=8, e=9, f=9.5, knn = 2 (mean squared distance to the 2 nearest;
+# 1-D, so the sqrt(C) scaling is 1). log rho = -that mean:
+#   a: b 1, c 3    -> (1 + 9) / 2     = 5      log rho = -5
+#   b: a 1, c 2    -> (1 + 4) / 2     = 2.5    log rho = -2.5
+#   c: b 2, a 3    -> (4 + 9) / 2     = 6.5    log rho = -6.5
+#   d: e 1, f 1.5  -> (1 + 2.25) / 2  = 1.625  log rho = -1.625
+#   e: f .5, d 1   -> (.25 + 1) / 2   = 0.625  log rho = -0.625 (densest: always a centre)
+#   f: e .5, d 1.5 -> (.25 + 2.25) / 2 = 1.25  log rho = -1.25
+# delta (distance to the nearest denser point) and log rho + log delta:
+#   b: d at 7   -> -2.5 + ln 7   = -0.554
+#   d: e at 1   -> -1.625 + 0    = -1.625
+#   f: e at .5  -> -1.25 - ln 2  = -1.943
+#   a: b at 1   -> -5 + 0        = -5
+#   c: b at 2   -> -6.5 + ln 2   = -5.807
+# centres by rank: e (cluster 0), b (cluster 1), then d (cluster 2 when c = 3).
 DPC_POINTS = [0.0, 1.0, 3.0, 8.0, 9.0, 9.5]
 
 
 def test_density_peak_clusters_two_clusters():
+    # with the constant second channel C = 2: distances / sqrt 2 halve every log rho; the ranking
+    # (b -0.554 - ln sqrt 2 ... above d) and so the clusters stay as in 1-D
     x = t([[[p, 1.0] for p in DPC_POINTS], [[p, 1.0] for p in reversed(DPC_POINTS)]])
     assign = density_peak_clusters(x, clusters=2, knn=2)
     # a, b, c join b (cluster 1); d, e, f join e (cluster 0). Image 2 is image 1 reversed.
@@ -369,9 +381,75 @@ def test_density_peak_clusters_two_clusters():
 
 def test_density_peak_clusters_centres_are_the_expected_points():
     x = t([[[p] for p in DPC_POINTS]])
-    # third centre d: d forms its own cluster 2, f stays with e (f-e .5 < f-d 1.5)
+    # third centre d: d heads cluster 2; f (log rho -1.25, denser than d) may only join a denser
+    # centre, e (the nearest denser one); a and c join b
     assert density_peak_clusters(x, clusters=3, knn=2).tolist() == [[1, 1, 1, 2, 0, 0]]
     assert density_peak_clusters(x, clusters=1, knn=2).tolist() == [[0, 0, 0, 0, 0, 0]]
+
+
+def test_density_peak_clusters_join_the_nearest_denser_centre():
+    # A chain 0, .25, .5, .75, 1 (knn 1: log rho -.0625 each; ties go to the earlier point, so 0 is
+    # the densest) and a sparser pair 1.9, 2.3 (log rho -.16).
+    #   centre scores: chain points -.0625 + ln .25 = -1.449; 1.9: delta .9 (to 1) -> -.16 + ln .9 = -.265;
+    #   2.3: delta .4 -> -1.076. Centres: 0 (cluster 0) and 1.9 (cluster 1).
+    # The chain's end 1 is nearer to 1.9 (.9) than to 0 (1), but 1.9 is less dense than it: it joins 0.
+    x = t([[[0.0], [0.25], [0.5], [0.75], [1.0], [1.9], [2.3]]])
+    assert density_peak_clusters(x, clusters=2, knn=1).tolist() == [[0, 0, 0, 0, 0, 1, 1]]
+
+
+def test_density_peak_clusters_break_ties_by_position():
+    # Two pairs of equal points: every log rho is 0. Ties go to the earlier token: the first is
+    # the densest (centre 0); the second has delta 0 (log delta -inf); the third is 5 away from
+    # every denser token and is centre 1; the fourth, 0 from it, joins it.
+    x = t([[[0.0], [0.0], [5.0], [5.0]], [[5.0], [5.0], [0.0], [0.0]]])
+    for _ in range(3):
+        assert density_peak_clusters(x, clusters=2, knn=1).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def _partition(assign: list[int]) -> list[list[int]]:
+    return sorted(sorted(i for i, a in enumerate(assign) if a == cluster) for cluster in set(assign))
+
+
+def test_density_peak_clusters_at_real_scale():
+    """44 tokens of width 384 with DeiT-S-like norms (about 41) in 4 well-separated groups
+    (nearest-neighbour squared distance about 175, between groups about 2400): exp(-175)
+    underflows to 0 in float32, so computed on raw distances every density tied at 0 and the
+    groups broke up. Scaled by sqrt(C) and kept in log space, the groups are found exactly,
+    batched and per image alike."""
+    generator = torch.Generator().manual_seed(0)
+    centres = 2.0 * torch.randn(4, 384, generator=generator)
+    sizes = [9, 10, 11, 14]
+    x = torch.cat([centre + 0.5 * torch.randn(size, 384, generator=generator)
+                   for centre, size in zip(centres, sizes)])
+    labels = [group for group, size in enumerate(sizes) for _ in range(size)]
+    order = torch.randperm(len(x), generator=generator)
+    x, labels = x[order], [labels[i] for i in order]
+    assert 35 < float(x.norm(dim=1).mean()) < 50
+    batch = torch.stack([x, x.flip(0)])
+    assign = density_peak_clusters(batch, clusters=4, knn=5)
+    assert _partition(assign[0].tolist()) == _partition(labels)
+    assert _partition(assign[1].tolist()) == _partition(labels[::-1])
+    assert density_peak_clusters(x[None], clusters=4, knn=5)[0].tolist() == assign[0].tolist()
+
+
+def test_merge_attentive_pairs_takes_the_most_similar_disjoint_pairs():
+    # cosines: t0 [1, 0], t1 [.6, .8], t2 [1, .1], t3 [0, 1], t4 [.8, .6]
+    #   t0-t2 .995, t1-t4 .96, t2-t4 .856, t0-t4 .8, t1-t3 .8, t1-t2 .677, t3-t4 .6, ...
+    # Greedy disjoint pairs: t0+t2 (.995) first; then t1+t4 (.96). ToMe's bipartite matching
+    # (A = t0, t2, t4; B = t1, t3) would have sent all three A tokens into t1.
+    x = t([[[1.0, 0.0], [0.6, 0.8], [1.0, 0.1], [0.0, 1.0], [0.8, 0.6]]])
+    scores = t([[0.3, 0.1, 0.1, 0.2, 0.3]])
+    part = Tokens(x=x, size=t([[1.0, 2.0, 1.0, 1.0, 1.0]]), prefix=0)
+    out = merge_attentive_pairs(part, scores, pairs=2)
+    # t0+t2 at t0's place: (.3*[1,0] + .1*[1,.1]) / .4 = [1, .025]
+    # t1+t4 at t1's place: (.1*[.6,.8] + .3*[.8,.6]) / .4 = [.3, .26] / .4 = [.75, .65]; t3 as it was
+    close(out.x, [[[1.0, 0.025], [0.75, 0.65], [0.0, 1.0]]])
+    close(out.size, [[2.0, 3.0, 1.0]])
+    assert torch.equal(out.x[0, 2], x[0, 3])  # untouched tokens are exact
+    same(merge_attentive_pairs(part, scores, pairs=0), part)
+    # one pair only: the best
+    close(merge_attentive_pairs(part, scores, pairs=1).x,
+          [[[1.0, 0.025], [0.6, 0.8], [0.0, 1.0], [0.8, 0.6]]])
 
 
 def test_bat_output_tokens():
@@ -383,25 +461,38 @@ def test_bat_output_tokens():
             [2.0, -2.0], [9.0, 1.0], [4.0, 6.0], [9.5, 1.0]]
     sizes = [1.0, 1.0, 1.0, 1.0, 2.0, 3.0, 1.0, 1.0, 1.0]
     scores = [0.05, 0.1, 0.2, 0.02, 0.08, 0.15, 0.12, 0.18, 0.03]
-    # pair matching inside [CLS, j2, j5, j7] (global 0..3): A = j5 (global 2), B = j2, j7.
-    #   j5 = [0.1, 1] -> cos with j7 [0, 1] = 0.995 > cos with j2 [1, 0] = 0.0995 -> merge into j7
-    metric = [[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0],
-              [0.1, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
+    # attentive cosines: j2-j7 50 / (sqrt 50 sqrt 52) = .981; j2-j5 0; j5-j7 -.196 -> merge j2, j7
     tokens = Tokens(x=t([[cls] + body]), size=t([[1.0] + sizes]), prefix=1)
-    out = bat(tokens, t([scores]), t([metric]), keep=3, clusters=2, knn=2, pairs=1)
+    out = bat(tokens, t([scores]), keep=3, clusters=2, knn=2, pairs=1)
     assert out.x.shape == (1, 5, 2)
-    # merged pair: (3*[2,-2] + 1*[4,6]) / 4 = [10, 0] / 4 = [2.5, 0], size 4
+    # merged pair at j2's place: (.2*[5,5] + .18*[4,6]) / .38 = [1.72, 2.08] / .38; then j5
     # cluster 0 {d, e, f} (centre e), score weights .08, .12, .03 (sum .23):
     #   (.08*8 + .12*9 + .03*9.5) / .23 = (.64 + 1.08 + .285) / .23 = 2.005 / .23 = 8.7173913
     # cluster 1 {a, b, c} (centre b), weights .05, .1, .02 (sum .17):
     #   (.05*0 + .1*1 + .02*3) / .17 = .16 / .17 = 0.9411765
-    close(out.x, [[cls, [5.0, 5.0], [2.5, 0.0], [2.005 / 0.23, 1.0], [0.16 / 0.17, 1.0]]])
+    close(out.x, [[cls, [1.72 / 0.38, 2.08 / 0.38], [2.0, -2.0], [2.005 / 0.23, 1.0], [0.16 / 0.17, 1.0]]])
     close(out.x[0, 3:, 0], [8.7173913, 0.9411765])
-    # sizes: j2 1; pair 3 + 1; cluster 0: 2 + 1 + 1; cluster 1: 1 + 1 + 1
-    close(out.size, [[1.0, 1.0, 4.0, 4.0, 3.0]])
+    # sizes: pair 1 + 1; j5 3; cluster 0: 2 + 1 + 1; cluster 1: 1 + 1 + 1
+    close(out.size, [[1.0, 2.0, 3.0, 4.0, 3.0]])
 
     # keep >= n: unchanged
-    same(bat(tokens, t([scores]), t([metric]), keep=9, clusters=2, knn=2, pairs=1), tokens)
+    same(bat(tokens, t([scores]), keep=9, clusters=2, knn=2, pairs=1), tokens)
+
+
+def test_bat_traces_with_torch_export():
+    """No data-dependent Python control flow: the exported graph, traced on one input, gives the
+    eager result on other data of the same shape."""
+    class Bat(torch.nn.Module):
+        def forward(self, x, scores):
+            out = bat(Tokens(x=x, size=torch.ones(x.shape[:2]), prefix=1), scores, keep=10, clusters=3, knn=3, pairs=2)
+            return out.x, out.size
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, 21, 16, generator=generator), torch.rand(2, 20, generator=generator)) for _ in range(2)]
+    exported = torch.export.export(Bat(), inputs[0]).module()
+    for x, scores in inputs:
+        for got, expected in zip(exported(x, scores), Bat()(x, scores)):
+            assert_close(got, expected, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -420,7 +511,7 @@ def test_sait_value_based_keeps_top_in_position_order():
     same(sait(tokens, t([[0.1, 0.3, 0.2, 0.4]]), keep=4), tokens)
 
 
-@pytest.mark.parametrize("mass, count", [(0.7, 2), (0.85, 3), (0.5, 1), (0.95, 4), (1.0, 4)])
+@pytest.mark.parametrize("mass, count", [(0.7, 2), (0.85, 3), (0.5, 1), (0.95, 4)])
 def test_sait_mass_counts(mass, count):
     # scores [0.5, 0.3, 0.1, 0.1]: running sums 0.5, 0.8, 0.9, 1.0
     # 0.7 -> 2 (0.8 >= 0.7); 0.85 -> 3 (0.9); 0.5 -> 1 (0.5 reaches it exactly); 0.95 -> 4
@@ -429,6 +520,54 @@ def test_sait_mass_counts(mass, count):
     assert out.x.shape[1] == 1 + count
     assert out.valid.tolist() == [[True] * (1 + count)]
     close(out.x[0, :3], [SAIT_CLS, [1.0, 0.0], [2.0, 0.0]][: 1 + count])
+
+
+def test_sait_mass_one_keeps_every_token_unpadded():
+    tokens = Tokens.start(t([[SAIT_CLS, [1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]]), prefix=1)
+    same(sait_mass(tokens, t([[0.5, 0.3, 0.1, 0.1]]), 1.0), tokens)
+    assert sait_mass(tokens, t([[0.5, 0.3, 0.1, 0.1]]), 1.0).valid is None
+
+
+# SaiT's Eq. 1 normalises the token importance over all tokens, CLS included; CLS is always
+# kept, so its share counts toward the mass. Hand case, prefix 1, H = 1, N = 5 (CLS + 4):
+#   attention rows (queries) over keys [CLS, j0, j1, j2, j3]:
+#     CLS [.5, .25, .125, .0625, .0625]    j0 [.5, .25, .125, .125, 0]     j1 [.25, .5, .25, 0, 0]
+#     j2  [.5, .25, 0, .25, 0]             j3 [.125, .25, .25, .125, .25]
+#   column sums: CLS 1.875, j0 1.5, j1 .75, j2 .5625, j3 .3125 (total 5)
+#   shares: CLS .375, j0 .3, j1 .15, j2 .1125, j3 .0625
+#   kept mass, CLS first: .375, + j0 .675, + j1 .825, + j2 .9375, + j3 1
+SAIT_PROBS = t([[[[0.5, 0.25, 0.125, 0.0625, 0.0625],
+                  [0.5, 0.25, 0.125, 0.125, 0.0],
+                  [0.25, 0.5, 0.25, 0.0, 0.0],
+                  [0.5, 0.25, 0.0, 0.25, 0.0],
+                  [0.125, 0.25, 0.25, 0.125, 0.25]]]])
+
+
+def _sait_scores():
+    qkv = torch.zeros(1, 1, 5, 2)
+    return token_scores("tis", 1, qkv, qkv, qkv, 1.0, None, SAIT_PROBS)
+
+
+def test_tis_is_normalised_over_all_tokens_cls_included():
+    close(_sait_scores(), [[0.3, 0.15, 0.1125, 0.0625]])
+
+
+# Renormalised over the patch tokens alone (.48, .24, .18, .1; running sums .48, .72, .9, 1), as
+# this reducer used to do, M .6 kept 2, M .8 kept 3 and M .92 kept 4.
+@pytest.mark.parametrize("mass, count", [
+    (0.3, 1),    # CLS alone (.375) reaches it, but one patch token is always kept
+    (0.6, 1),    # .675
+    (0.68, 2),   # .825
+    (0.8, 2),    # .825
+    (0.92, 3),   # .9375
+    (0.95, 4),   # 1
+])
+def test_sait_mass_counts_the_cls_share(mass, count):
+    body = [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0], [4.0, 0.0]]
+    tokens = Tokens.start(t([[SAIT_CLS] + body]), prefix=1)
+    out = sait_mass(tokens, _sait_scores(), mass)
+    assert out.x.shape[1] == 1 + count
+    close(out.x[0, 1:], body[:count])  # shares fall with position here
 
 
 def test_sait_mass_exact_boundary():
@@ -518,12 +657,14 @@ def test_score_tis_and_mean():
     q, k, v = _qkv()
     # column sums: head 0 [1 + .5 + 1/3, .5 + 1/3, 1/3] = [11/6, 5/6, 1/3]
     #              head 1 [.25 + .5 + 0, .5 + .25 + 0, .25 + .25 + 1] = [.75, .75, 1.5]
-    # total [31/12, 19/12, 22/12]; non-prefix [19, 22] / 41
-    close(token_scores("tis", 1, q, k, v, 0.5, None, PROBS), [[19 / 41, 22 / 41]])
-    close(token_scores("mean", 1, q, k, v, 0.5, None, PROBS), [[19 / 41, 22 / 41]])
-    # prefix 0: [31, 19, 22] / 72
+    # total [31/12, 19/12, 22/12], normalised over all tokens, CLS included (SaiT's Eq. 1):
+    # [31, 19, 22] / 72, of which the non-prefix tokens' [19, 22] / 72 are returned
+    close(token_scores("tis", 1, q, k, v, 0.5, None, PROBS), [[19 / 72, 22 / 72]])
     close(token_scores("tis", 0, q, k, v, 0.5, None, PROBS), [[31 / 72, 19 / 72, 22 / 72]])
-    close(token_scores("mean", 0, q, k, v, 0.5, None, PROBS), [[31 / 72, 19 / 72, 22 / 72]])
+    # mean: attention of query j to the CLS key (column 0), head mean, normalised over j >= 1
+    #   token 1: head 0 .5, head 1 .5 -> .5;  token 2: head 0 1/3, head 1 0 -> 1/6
+    #   normalised: [.5, 1/6] / (2/3) = [.75, .25]   (it no longer ranks as tis: 19 < 22)
+    close(token_scores("mean", 1, q, k, v, 0.5, None, PROBS), [[0.75, 0.25]])
 
 
 def test_score_entropy():
@@ -580,7 +721,7 @@ def _after_each_layer(cfg, n=196, depth=12):
     """Token counts incl. CLS after each reducing layer, read off block_token_counts."""
     counts = block_token_counts(cfg, depth, n)
     layers = cfg.resolved_layers(depth)
-    return [counts[layer][1] + 1 for layer in layers]
+    return [counts[layer].out + 1 for layer in layers]
 
 
 @pytest.mark.parametrize("cfg, expected", [
@@ -598,18 +739,28 @@ def test_deit_s_token_figures(cfg, expected):
 def test_deit_s_tome_every_block():
     # 196 -16-> 180 ... 36 -> 20 -> 10 (16 capped at 20 // 2)
     counts = block_token_counts(PruneConfig(reducer="tome", r=16), 12, 196)
-    assert [m + 1 for _, m in counts] == [181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
-    assert [a for a, _ in counts] == [196, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 20]
-    assert block_token_counts(PruneConfig(reducer="tome", r=8), 12, 196)[-1][1] + 1 == 101
-    assert block_token_counts(PruneConfig(reducer="tome", r=13), 12, 196)[-1][1] + 1 == 41
+    assert [c.mlp + 1 for c in counts] == [181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+    assert [c.attn for c in counts] == [196, 180, 164, 148, 132, 116, 100, 84, 68, 52, 36, 20]
+    assert all(c.out == c.mlp for c in counts)
+    assert block_token_counts(PruneConfig(reducer="tome", r=8), 12, 196)[-1].out + 1 == 101
+    assert block_token_counts(PruneConfig(reducer="tome", r=13), 12, 196)[-1].out + 1 == 41
 
 
 def test_block_token_counts_evit():
     counts = block_token_counts(PruneConfig(reducer="evit", layers=(3, 6, 9), keep_rate=0.7), 12, 196)
-    # attention sees the block input, the MLP the reduced set
-    assert counts == [(196, 196)] * 3 + [(196, 139), (139, 139), (139, 139), (139, 99), (99, 99),
-                                          (99, 99), (99, 71), (71, 71), (71, 71)]
-    assert block_token_counts(None, 12, 196) == [(196, 196)] * 12
+    # attention sees the block input, the MLP the reduced set, which leaves the block
+    assert counts == [(196, 196, 196)] * 3 + [(196, 139, 139), (139, 139, 139), (139, 139, 139),
+                                               (139, 99, 99), (99, 99, 99), (99, 99, 99), (99, 71, 71),
+                                               (71, 71, 71), (71, 71, 71)]
+    assert block_token_counts(None, 12, 196) == [(196, 196, 196)] * 12
+
+
+def test_block_token_counts_sait_block_runs_dense():
+    # SaiT's block P (3) runs attention and MLP on all 196 tokens; 98 leave it
+    counts = block_token_counts(PruneConfig(reducer="sait", layers=(3,), keep_rate=0.5), 12, 196)
+    assert counts[:5] == [(196, 196, 196)] * 3 + [(196, 196, 98), (98, 98, 98)]
+    last = block_token_counts(PruneConfig(reducer="sait", layers=(11,), keep_rate=0.5), 12, 196)
+    assert last[-1] == (196, 196, 98)  # the final norm sees 98
 
 
 def test_tokens_after_other_reducers():

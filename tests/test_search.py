@@ -364,3 +364,90 @@ def test_a_cuda_search_without_gpus_per_trial_is_refused_up_front(workdir):
         search(tiny_settings(device="cuda"), trials=1, storage=storage_url(workdir), gpus_per_trial=0,
                log=lambda line: None)
     assert not (workdir / "studies.db").exists()
+
+
+# -- teachers ------------------------------------------------------------------------------------
+
+def _teacher_checkpoint(path: Path, num_classes: int, seed: int = 0) -> Path:
+    import timm
+    import torch
+
+    torch.manual_seed(seed)
+    torch.save(timm.create_model(TINY.name, num_classes=num_classes, **{**TINY.kwargs, "depth": 2}).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--teacher", "vit_nonexistent", "--teacher-pretrained"], "--teacher: unknown timm model 'vit_nonexistent'"),
+    (["--teacher", "vit_tiny_patch16_224"], "give its weights with --teacher-pretrained or --teacher-checkpoint PATH"),
+    (["--teacher-pretrained"], "need --teacher NAME"),
+    (["--teacher", "vit_tiny_patch16_224", "--teacher-checkpoint", "/no/such.pth"],
+     "--teacher-checkpoint: '/no/such.pth' does not exist"),
+    (["--teacher", "vit_tiny_patch16_224", "--teacher-pretrained", "--teacher-kwargs", "img_size"],
+     "--teacher-kwargs: 'img_size' is not KEY=VALUE"),
+])
+def test_bad_teacher_input_exits_2_before_anything_runs(workdir, capsys, argv, message):
+    assert main(["search", "--preset", "quickstart", "--budget", "60%", *argv,
+                 "--storage", storage_url(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (workdir / "studies").exists() and not (workdir / "studies.db").exists()
+
+
+def test_a_teacher_of_other_classes_is_refused_for_logits_distillation(workdir, capsys):
+    checkpoint = _teacher_checkpoint(workdir / "teacher.pth", num_classes=7)
+    argv = ["search", "--preset", "quickstart", "--model-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=4,num_heads=3",
+            "--budget", "75%", "--teacher", TINY.name, "--teacher-checkpoint", str(checkpoint),
+            "--teacher-kwargs", "img_size=32,patch_size=8,embed_dim=48,depth=2,num_heads=3", "--storage", storage_url(workdir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("--teacher vit_tiny_patch16_224: logits distillation needs a teacher that predicts the student's 10 "
+            "classes; the teacher has 7") in err and err.count("\n") == 1
+    assert not (workdir / "studies.db").exists()
+
+
+def test_an_unreachable_pretrained_teacher_exits_2(workdir, capsys, monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code = main(["search", "--preset", "quickstart", "--budget", "70%", "--teacher", "deit_tiny_patch16_224",
+                 "--teacher-pretrained", "--storage", storage_url(workdir)])
+    assert code == 2
+    assert "--teacher-pretrained: the weights of deit_tiny_patch16_224 could not be loaded" in capsys.readouterr().err
+
+
+def test_the_teacher_is_part_of_the_study_settings(workdir):
+    """Resuming with another teacher (weights by content) or none is refused, listing the difference;
+    a study without a teacher records none, as studies made before teachers existed."""
+    import json
+
+    from autoprune.search.space import SearchSpace
+    from autoprune.study_attrs import SETTINGS_ATTR
+    from autoprune.teacher import TeacherSpec
+
+    kwargs = {**TINY.kwargs, "depth": 2}
+    first = TeacherSpec(TINY.name, str(_teacher_checkpoint(workdir / "a.pth", 4, seed=0)), kwargs)
+    other = TeacherSpec(TINY.name, str(_teacher_checkpoint(workdir / "b.pth", 4, seed=1)), kwargs)
+    settings = tiny_settings(teacher=first)
+    space = SearchSpace.from_file(settings.space)
+    assert "teacher" not in tiny_settings().to_record(space)
+    study = optuna.create_study(storage=open_storage(storage_url(workdir)), study_name="t",
+                                directions=["maximize", "maximize"])
+    study.set_user_attr(SETTINGS_ATTR, json.loads(json.dumps(settings.to_record(space), default=str)))
+    with pytest.raises(SearchError, match=r"refusing to resume: teacher\.weights: stored 'sha256:"):
+        search(tiny_settings(teacher=other), trials=1, study_name="t", storage=storage_url(workdir), log=lambda line: None)
+    with pytest.raises(SearchError, match=r"refusing to resume: teacher: stored .*, not requested"):
+        search(tiny_settings(), trials=1, study_name="t", storage=storage_url(workdir), log=lambda line: None)
+    assert not (workdir / "studies" / "baselines").exists()  # refused before anything was trained
+
+
+def test_the_spaces_reach_the_papers_distillation_settings():
+    from autoprune import PruneConfig
+    from autoprune.search.space import Candidate, SearchSpace
+
+    for name in ("default", "sait"):
+        assert SearchSpace.from_file(name).specs[("distill", "beta")].high >= 4  # SaiT distils with beta 4
+    space = SearchSpace.from_dict({"reducers": ["evit"], "keep_rate": [0.5, 0.9],
+                                   "distill": {"kind": ["none", "features", "features_cls", "tis"], "beta": [0.5, 4.0]}})
+    assert space.distill_kinds() == ("features", "features_cls")  # tis applies to sait only
+    candidate = Candidate(PruneConfig(reducer="evit", layers=(1,), keep_rate=0.7), distill="features_cls", beta=4.0)
+    assert space.params_for(candidate, depth=4, patches=16) is not None  # the mode is searched

@@ -6,10 +6,13 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from timm.models.vision_transformer import VisionTransformer
+
 from autoprune import PruneConfig, apply
-from autoprune.patch import TokenReducer
-from autoprune.train import (EpochRecord, TrainConfig, TrainingFailed, evaluate, fine_tune,
-                             logit_distillation, tis_star)
+from autoprune.distill import (Distillation, DistillationError, feature_targets, fused_tokens, logit_distillation,
+                               patch_resampling, tis_distillation, tis_star)
+from autoprune.patch import TokenReducer, set_strength
+from autoprune.train import EpochRecord, TrainConfig, TrainingFailed, evaluate, fine_tune
 from conftest import make_model
 
 
@@ -157,3 +160,146 @@ def test_evaluate_counts_top1_and_top5():
     metrics = evaluate(Fixed(), TensorDataset(images, torch.tensor([3, 4, 6, 0])), batch_size=3)
     assert metrics["top1"] == 50.0 and metrics["top5"] == 75.0
     assert math.isfinite(metrics["loss"])
+
+
+# -- distillation: KL direction, captured attention, teachers of another width and grid --------
+
+def other_teacher(**changes) -> VisionTransformer:
+    """A teacher unlike the tiny student (width 48, 8x8 patches of 4 pixels): width 32 and a
+    4x4 grid of 8-pixel patches."""
+    torch.manual_seed(7)
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=10)
+    return VisionTransformer(**{**kwargs, **changes}).eval()
+
+
+def test_tis_distillation_is_kl_of_tis_star_from_the_teacher():
+    # one head, prefix 1: column sums of the non-prefix keys [2, 0] -> TIS* p = softmax = [e^2, 1] / (e^2 + 1)
+    probs = torch.tensor([[[[0.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]])
+    teacher = torch.tensor([[0.5, 1.5]])  # q = [.25, .75] once normalised
+    p = torch.tensor([math.e ** 2, 1.0]) / (math.e ** 2 + 1)
+    q = torch.tensor([0.25, 0.75])
+    forward = float((p * (p / q).log()).sum())   # KL(TIS* || teacher) = 0.8900
+    reverse = float((q * (q / p).log()).sum())   # KL(teacher || TIS*) = 1.0646
+    assert tis_distillation(probs, teacher, prefix=1) == pytest.approx(forward, rel=1e-5)
+    assert forward == pytest.approx(0.8900, abs=1e-4) and abs(forward - reverse) > 0.1
+
+
+@pytest.mark.parametrize("teacher", [make_model(seed=3), other_teacher()], ids=["same", "other_grid"])
+def test_tis_distillation_captures_the_student_attention_at_every_strength(teacher, images):
+    student = apply(make_model(), PruneConfig(reducer="sait", layers=(1,), mass_threshold=0.6))
+    distillation = Distillation("tis", student, teacher)
+    try:
+        for strength in (0.0, 1.0):  # 0: SaiT's dense epochs; the attention is captured all the same
+            set_strength(student, strength)
+            logits = student(images)
+            assert distillation.values["student_probs"].shape == (4, 3, 65, 65)
+            loss = distillation.loss(student, images, logits, None)
+            assert torch.isfinite(loss) and loss > 0
+            loss.backward()
+            assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+            student.zero_grad()
+    finally:
+        distillation.close(student)
+
+
+def test_patch_resampling_by_area():
+    # student 2x2, teacher 4x4: student patch 0 is teacher patches 0, 1, 4, 5 in equal shares
+    r = patch_resampling((2, 2), (4, 4))
+    assert r.shape == (4, 16)
+    assert r[0].nonzero().flatten().tolist() == [0, 1, 4, 5] and torch.allclose(r[0, [0, 1, 4, 5]], torch.full((4,), 0.25))
+    assert r[3].nonzero().flatten().tolist() == [10, 11, 14, 15]
+    # student 3x3 over teacher 2x2 (not a whole ratio): per side [[1, 0], [.5, .5], [0, 1]];
+    # the centre patch takes a quarter of each teacher patch, a corner one teacher patch
+    r = patch_resampling((3, 3), (2, 2))
+    torch.testing.assert_close(r[4], torch.full((4,), 0.25))
+    torch.testing.assert_close(r[0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    torch.testing.assert_close(r[1], torch.tensor([0.5, 0.5, 0.0, 0.0]))
+    torch.testing.assert_close(r.sum(1), torch.ones(9))
+    assert torch.equal(patch_resampling((2, 2), (2, 2)), torch.eye(4))
+
+
+def test_feature_targets_are_the_teacher_features_of_the_patches_a_token_holds():
+    # teacher 4x4 grid, features = the patch index; student 2x2 grid
+    teacher_patches = torch.arange(16.0).reshape(1, 16, 1)
+    on_student_grid = patch_resampling((2, 2), (4, 4)) @ teacher_patches
+    # student patch 0 = mean of 0, 1, 4, 5 = 2.5; patch 3 = mean of 10, 11, 14, 15 = 12.5
+    torch.testing.assert_close(on_student_grid.flatten(), torch.tensor([2.5, 4.5, 10.5, 12.5]))
+    # token A holds student patches 0 and 3 (size 2), token B patch 1, token C patch 2
+    source = torch.tensor([[[1.0, 0, 0, 1], [0, 1, 0, 0], [0, 0, 1, 0]]])
+    targets = feature_targets(source, torch.tensor([[2.0, 1.0, 1.0]]), on_student_grid)
+    torch.testing.assert_close(targets.flatten(), torch.tensor([7.5, 4.5, 10.5]))
+
+
+def test_fused_tokens_are_recognised_by_their_patches():
+    source = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 1]]])
+    # layer 1 fused patches 1 and 2 (kept since); layer 2 fused patch 3 alone
+    assert fused_tokens(source, [torch.tensor([[0.0, 1, 1, 0]]), torch.tensor([[0.0, 0, 0, 1]])]).tolist() == [[False, True, True]]
+    assert fused_tokens(source, []).tolist() == [[False, False, False]]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_evit_fused_tokens_get_no_token_target(fuse, images):
+    student = apply(make_model(), PruneConfig(reducer="evit", layers=(1, 2), keep_rate=0.5, fuse=fuse))
+    distillation = Distillation("features", student, make_model(seed=3))
+    try:
+        features = student.forward_features(images)
+        tokens = student.final_tokens
+        fused = fused_tokens(tokens.source[:, 1:], [s for s in distillation.fused.values() if s is not None])
+        if fuse:
+            # layer 2's fused token is last; layer 1's, where layer 2 kept it, just before it
+            assert fused[:, -1].all() and (fused.sum(1) >= 1).all() and (fused.sum(1) <= 2).all()
+            assert (tokens.size[:, 1:][fused] >= 1).all() and not fused[:, 0].any()
+        else:
+            assert not fused.any()
+        assert torch.isfinite(distillation.loss(student, images, student.forward_head(features), features))
+    finally:
+        distillation.close(student)
+    assert not student.track_source
+
+
+@pytest.mark.parametrize("kind, cfg", [
+    ("features", PruneConfig(reducer="tome", r=8)),
+    ("features", PruneConfig(reducer="sait", layers=(1,), mass_threshold=0.6)),
+    ("features_cls", PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5)),
+    ("tis", PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5)),
+])
+def test_distillation_from_a_teacher_of_another_width_and_grid(kind, cfg):
+    """A learned projection maps the student's width (48) to the teacher's (32); the teacher's
+    4x4 patch grid is resampled onto the student's 8x8."""
+    model = apply(make_model(), cfg)
+    before = model.blocks[0].mlp.fc1.weight.detach().clone()
+    records = fine_tune(model, toy_data(32), TrainConfig(epochs=1, batch_size=16, distill=kind, beta=1.0, workers=0),
+                        teacher=other_teacher())
+    assert math.isfinite(records[0].train_loss)
+    assert not torch.equal(before, model.blocks[0].mlp.fc1.weight)
+
+
+def test_feature_distillation_cls_only_compares_the_cls_tokens(images):
+    student = apply(make_model(), PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5))
+    teacher = make_model(seed=3)
+    distillation = Distillation("features_cls", student, teacher)
+    features = student.forward_features(images)
+    loss = distillation.loss(student, images, student.forward_head(features), features)
+    expected = torch.nn.functional.mse_loss(features[:, 0], teacher.forward_features(images)[:, 0])
+    torch.testing.assert_close(loss, expected)
+    assert distillation.projection is None and not distillation.parameters()  # equal widths
+
+
+def test_the_projection_trains_with_the_student(images):
+    student = make_model()
+    distillation = Distillation("features", student, other_teacher())
+    assert distillation.projection.in_features == 48 and distillation.projection.out_features == 32
+    features = student.forward_features(images)
+    distillation.loss(student, images, student.forward_head(features), features).backward()
+    assert distillation.projection.weight.grad.abs().sum() > 0
+
+
+def test_teachers_that_cannot_teach_are_refused_in_one_line():
+    student = make_model()
+    with pytest.raises(DistillationError, match="predicts the student's 10 classes; the teacher has 0"):
+        Distillation("logits", student, other_teacher(num_classes=0))
+    with pytest.raises(DistillationError, match="needs a teacher with a class token"):
+        Distillation("tis", apply(make_model(), PruneConfig(reducer="sait", layers=(1,), keep_rate=0.5)),
+                     other_teacher(class_token=False, global_pool="avg"))
+    with pytest.raises(DistillationError, match=r"takes \(64, 64\) images and the student \(32, 32\)"):
+        Distillation("features", student, other_teacher(img_size=64))

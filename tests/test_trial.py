@@ -1,12 +1,16 @@
 """Dense baseline (built once, cached) and trials, end to end on a tiny ViT and tiny synthetic data."""
 
+import dataclasses
 import json
 
 import pytest
+import timm
 import torch
 
 from autoprune import PruneConfig
 from autoprune.data import SyntheticOptions, load_datasets, model_data_config
+from autoprune.distill import DistillationError
+from autoprune.teacher import TeacherError, TeacherSpec
 from autoprune.train import TrainConfig
 from autoprune.trial import BaselineError, ModelSpec, TrialResult, dense_baseline, run_trial
 
@@ -101,3 +105,74 @@ def test_unreachable_pretrained_weights_say_what_to_do(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(BaselineError, match="pretrained weights for deit_tiny_patch16_224 could not be loaded.*local checkpoint"):
         ModelSpec("deit_tiny_patch16_224", init="pretrained").create(4)
+
+
+# -- teachers other than the dense baseline -----------------------------------------------------
+
+TEACHER_KWARGS = {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def saved_teacher(tmp_path, num_classes: int, wrap: bool = False):
+    """A vit_tiny teacher of another width (32) and patch size (16) saved as a checkpoint."""
+    torch.manual_seed(5)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=num_classes, **TEACHER_KWARGS)
+    path = tmp_path / f"teacher{num_classes}.pth"
+    torch.save({"state_dict": model.state_dict()} if wrap else model.state_dict(), path)
+    return model, path
+
+
+def test_a_teacher_checkpoint_brings_its_own_classifier(tmp_path):
+    source, path = saved_teacher(tmp_path, 7, wrap=True)  # a training checkpoint holding a state dict
+    teacher = TeacherSpec("vit_tiny_patch16_224", str(path), TEACHER_KWARGS).load()
+    assert teacher.num_classes == 7 and not teacher.training
+    assert torch.equal(teacher.head.weight, source.head.weight)  # not re-initialised
+    headless = TeacherSpec("vit_tiny_patch16_224", str(saved_teacher(tmp_path, 0)[1]), TEACHER_KWARGS).load()
+    assert headless.num_classes == 0
+
+
+def test_a_teacher_is_identified_by_its_weights_content(tmp_path):
+    _, path = saved_teacher(tmp_path, 4)
+    copy = tmp_path / "moved.pth"
+    copy.write_bytes(path.read_bytes())
+    spec = TeacherSpec("vit_tiny_patch16_224", str(path), TEACHER_KWARGS)
+    assert spec.identity() == TeacherSpec("vit_tiny_patch16_224", str(copy), TEACHER_KWARGS).identity()
+    assert spec.identity()["weights"].startswith("sha256:")
+    assert TeacherSpec("vit_small_patch16_224.dino").identity() == {
+        "name": "vit_small_patch16_224.dino", "kwargs": {}, "weights": "pretrained"}
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: TeacherSpec("vit_nonexistent", str(p)), "--teacher: unknown timm model 'vit_nonexistent'"),
+    (lambda p: TeacherSpec("vit_tiny_patch16_224", str(p.parent / "missing.pth")), "--teacher-checkpoint: .* does not exist"),
+    (lambda p: TeacherSpec("vit_tiny_patch16_224", str(p.parent / "junk.pth")), "--teacher-checkpoint: .* is not a readable weights file"),
+    (lambda p: TeacherSpec("vit_tiny_patch16_224", str(p), {"img_size": 32, "patch_size": 16}),
+     "--teacher-checkpoint: .* does not fit vit_tiny_patch16_224 \\(Missing key"),
+    (lambda p: TeacherSpec("vit_tiny_patch16_224", str(p), {"no_such_kwarg": 1}), "--teacher-kwargs: vit_tiny_patch16_224 does not accept"),
+])
+def test_bad_teachers_are_refused_in_one_line(tmp_path, make, message):
+    _, path = saved_teacher(tmp_path, 4)
+    (tmp_path / "junk.pth").write_bytes(b"not weights")
+    with pytest.raises(TeacherError, match=message) as caught:
+        make(path).load()
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unreachable_pretrained_teacher_says_what_to_do(monkeypatch):
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TeacherError, match="--teacher-pretrained: the weights of deit_tiny_patch16_224 could not be "
+                                           "loaded.*give --teacher-checkpoint"):
+        TeacherSpec("deit_tiny_patch16_224", "pretrained", {"img_size": 32, "depth": 1}).load()
+
+
+def test_a_trial_distils_from_a_teacher_spec(baseline, datasets, tmp_path):
+    """Features from a narrower teacher with bigger patches: projection and grid resampling."""
+    _, path = saved_teacher(tmp_path, 0)
+    spec = TeacherSpec("vit_tiny_patch16_224", str(path), TEACHER_KWARGS)
+    cfg = PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5)
+    recipe = TrainConfig(epochs=0.5, batch_size=16, workers=0, beta=1.0, distill="features")
+    with_teacher = run_trial(baseline, datasets, cfg, recipe, teacher=spec, flops_images=8, throughput_rounds=1)
+    from_baseline = run_trial(baseline, datasets, cfg, recipe, flops_images=8, throughput_rounds=1)
+    assert with_teacher.history[0]["train_loss"] != from_baseline.history[0]["train_loss"]
+    with pytest.raises(DistillationError, match="the teacher has 0"):
+        run_trial(baseline, datasets, cfg, dataclasses.replace(recipe, distill="logits"), teacher=spec)

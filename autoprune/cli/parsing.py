@@ -14,13 +14,13 @@ class UsageError(Exception):
     """Bad input on the command line: reported in one line, exit code 2."""
 
 
-def parse_model_kwargs(text: str | None) -> dict:
+def parse_model_kwargs(text: str | None, flag: str = "--model-kwargs") -> dict:
     """'img_size=64,patch_size=8,qk_norm=true' -> {'img_size': 64, 'patch_size': 8, 'qk_norm': True}."""
     kwargs = {}
     for item in filter(None, (text or "").split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--model-kwargs: {item!r} is not KEY=VALUE (e.g. img_size=64,patch_size=8)")
+            raise UsageError(f"{flag}: {item!r} is not KEY=VALUE (e.g. img_size=64,patch_size=8)")
         kwargs[key.strip()] = yaml.safe_load(value)
     return kwargs
 

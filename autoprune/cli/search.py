@@ -15,6 +15,7 @@ from .parsing import UsageError, parse_yaml, parse_model_kwargs
 SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes or underscores
     "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
     "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "early_stopping",
+    "teacher", "teacher_kwargs", "teacher_pretrained", "teacher_checkpoint",
 }
 
 
@@ -68,19 +69,39 @@ def _checked(options: dict) -> dict:
     number("gpus_per_trial", float, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)")
     number("epochs", float, lambda v: v > 0, "a positive number (fractions allowed)")
     number("seed", int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
-    for name in ("pretrained", "early_stopping"):
+    for name in ("pretrained", "early_stopping", "teacher_pretrained"):
         if options[name] is not None and not isinstance(options[name], bool):
             raise UsageError(f"--config: {name}: {options[name]!r} is invalid; accepted: true or false")
-    for name in ("budget", "preset", "model", "checkpoint", "data", "space", "study", "storage", "address"):
+    for name in ("budget", "preset", "model", "checkpoint", "data", "space", "study", "storage", "address",
+                 "teacher", "teacher_checkpoint"):
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
             raise UsageError(f"--config: {name}: {value!r} is invalid; accepted: a single value (text)")
         if value is not None:
             options[name] = str(value)
-    kwargs = options.get("model_kwargs")
-    if kwargs is not None and not isinstance(kwargs, (str, dict)):
-        raise UsageError(f"--config: model_kwargs: {kwargs!r} is invalid; accepted: a mapping or name=value,...")
+    for name in ("model_kwargs", "teacher_kwargs"):
+        kwargs = options.get(name)
+        if kwargs is not None and not isinstance(kwargs, (str, dict)):
+            raise UsageError(f"--config: {name}: {kwargs!r} is invalid; accepted: a mapping or name=value,...")
     return options
+
+
+def _teacher_spec(options: dict):
+    """The --teacher options as a TeacherSpec, or None (distil from the dense baseline)."""
+    from ..teacher import TeacherSpec
+
+    name, kwargs = options["teacher"], options["teacher_kwargs"]
+    pretrained, checkpoint = options["teacher_pretrained"], options["teacher_checkpoint"]
+    if name is None:
+        if pretrained or checkpoint or kwargs is not None:
+            raise UsageError("--teacher-pretrained, --teacher-checkpoint and --teacher-kwargs need --teacher NAME")
+        return None
+    if pretrained and checkpoint:
+        raise UsageError("--teacher-pretrained and --teacher-checkpoint exclude each other")
+    if not (pretrained or checkpoint):
+        raise UsageError(f"--teacher {name}: give its weights with --teacher-pretrained or --teacher-checkpoint PATH")
+    kwargs = parse_model_kwargs(kwargs, "--teacher-kwargs") if isinstance(kwargs, str) else dict(kwargs or {})
+    return TeacherSpec(name, "pretrained" if pretrained else checkpoint, kwargs)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -97,6 +118,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     options = _search_options(args)
     if options["pretrained"] and options["checkpoint"]:
         raise UsageError("--pretrained and --checkpoint exclude each other")
+    teacher = _teacher_spec(options)
     gpus = options["gpus_per_trial"]
     if gpus is None:
         gpus = 1 if torch.cuda.is_available() else 0
@@ -119,11 +141,12 @@ def cmd_search(args: argparse.Namespace) -> None:
         recipe = dataclasses.replace(recipe, epochs=options["epochs"])
     changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
     settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu",
-                                   early_stopping=bool(options["early_stopping"]), **changes)
+                                   early_stopping=bool(options["early_stopping"]), teacher=teacher, **changes)
     print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
           f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
           f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
-          f"early stopping {'on' if settings.early_stopping else 'off'}")
+          f"early stopping {'on' if settings.early_stopping else 'off'}, "
+          f"teacher {f'{teacher.name} ({teacher.weights})' if teacher else 'the dense baseline'}")
     try:
         result = search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
                         address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
@@ -153,6 +176,13 @@ def register(commands) -> None:
     weights = search.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", action="store_true", default=None, help="start from timm's pretrained weights")
     weights.add_argument("--checkpoint", help="start from a local weights file")
+    search.add_argument("--teacher", help="distil from this timm model instead of the dense baseline, e.g. "
+                        "vit_small_patch16_224.dino (SaiT's teacher); needs --teacher-pretrained or --teacher-checkpoint")
+    search.add_argument("--teacher-kwargs", help="the teacher's timm create_model kwargs, e.g. img_size=64")
+    teacher_weights = search.add_mutually_exclusive_group()
+    teacher_weights.add_argument("--teacher-pretrained", action="store_true", default=None,
+                                 help="the teacher's timm pretrained weights")
+    teacher_weights.add_argument("--teacher-checkpoint", help="the teacher's local weights file")
     search.add_argument("--data", help="synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH (default: synthetic)")
     search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
                         "(default, evit_tome, sait; default: default)")

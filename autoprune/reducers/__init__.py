@@ -1,6 +1,6 @@
 """Token reducers as pure functions over `Tokens` (no timm, no modules): see reducers.md."""
 
-from .bat import bat, density_peak_clusters
+from .bat import bat, density_peak_clusters, merge_attentive_pairs
 from .evit import evit
 from .ppt import ppt
 from .sait import sait, sait_mass
@@ -9,5 +9,5 @@ from .tokens import Tokens
 from .tome import tome
 from .tps import tps
 
-__all__ = ["Tokens", "bat", "cls_attention", "density_peak_clusters", "evit", "NEEDS_PROBS", "ppt",
-           "sait", "sait_mass", "token_scores", "tome", "tps"]
+__all__ = ["Tokens", "bat", "cls_attention", "density_peak_clusters", "evit", "merge_attentive_pairs",
+           "NEEDS_PROBS", "ppt", "sait", "sait_mass", "token_scores", "tome", "tps"]

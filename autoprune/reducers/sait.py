@@ -1,5 +1,8 @@
 """SaiT (2022): prune once, by token importance; value-based (fixed keep) or mass-based
-(per image: the fewest tokens holding a given share of the importance)."""
+(per image: the fewest tokens holding a given share of the importance).
+
+The model runs SaiT's block P entirely dense and prunes as tokens leave it (patch.py); these
+functions only choose the tokens."""
 
 from __future__ import annotations
 
@@ -18,14 +21,26 @@ def sait(tokens: Tokens, scores: Tensor, keep: int) -> Tokens:
 
 
 def sait_mass(tokens: Tokens, scores: Tensor, mass: float) -> Tokens:
-    """Keep, per image, the fewest highest-scored tokens whose scores (summing to 1) reach `mass`.
+    """Keep, per image, the fewest highest-scored tokens that bring the kept share of the
+    importance to `mass` (at least one token; `mass` 1 keeps every token).
+
+    `scores` are shares of the importance of all tokens, prefix tokens included (SaiT's Eq. 1;
+    reducers.md): what the non-prefix scores leave of 1 is the prefix tokens' share. Prefix
+    tokens are always kept, so their share counts toward the mass from the start. The paper
+    notes that the mass concentrates in CLS and reports M 0.7 <-> mean density 0.42 on DeiT-S,
+    which only fits when CLS's share counts. Scores normalised over the non-prefix tokens
+    alone (cls_vnorm, entropy, mean) leave the prefix no share.
 
     Counts differ per image, so the batch is padded to its largest count: kept tokens come first
     in descending score order and `valid` marks them; later blocks mask the padding as keys, so
     each image's output equals its output when run alone."""
     n = tokens.count
+    if mass >= 1:
+        return tokens
     ranked, order = scores.sort(dim=1, descending=True)
-    counts = ((ranked.cumsum(dim=1) < mass).sum(dim=1) + 1).clamp(max=n)
+    prefix_share = (1 - scores.sum(dim=1, keepdim=True)).clamp_min(0)
+    kept_mass = prefix_share + ranked.cumsum(dim=1)
+    counts = ((kept_mass < mass).sum(dim=1) + 1).clamp(max=n)
     longest = int(counts.max())
     kept = concat(prefix_of(tokens), take(tokens, order[:, :longest]))
     slots = torch.arange(longest, device=scores.device)

@@ -3,6 +3,7 @@
 Inputs are the block's per-head q, k, v [B, H, N, d] (after qk-norm), the additive key bias
 [B, 1, 1, N] or None, and the full attention probabilities [B, H, N, N] for the scores that need
 them (`NEEDS_PROBS`). Every score is returned for the non-prefix tokens only, [B, N - prefix].
+`cls`, `cls_vnorm` and `mean` need a class token at position 0.
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ def token_scores(
         scores = cls_attention(q, k, scale, bias).sum(dim=1) * value_norm(v)
         return _normalized(scores[:, prefix:])
     if kind == "tis":
-        return _normalized(probs.sum(dim=(1, 2))[:, prefix:])
+        # SaiT's Eq. 1 normalises over every token, CLS included: the patch tokens' scores sum
+        # to less than 1, and the rest is the prefix tokens' share (which mass-based sait counts)
+        return _normalized(probs.sum(dim=(1, 2)))[:, prefix:]
     if kind == "mean":
-        # the same ranking as tis (a mean is a scaled sum); kept as the seed study names it
-        return _normalized(probs.mean(dim=(1, 2))[:, prefix:])
+        # the thesis's formula: how much token j, as the query, attends to the CLS key (token 0)
+        return _normalized(probs[:, :, prefix:, 0].mean(dim=1))
     if kind == "entropy":
         row_entropy = -(probs * (probs + _EPS).log()).sum(dim=-1).mean(dim=1)
         return _normalized((row_entropy * value_norm(v))[:, prefix:])

@@ -24,12 +24,14 @@ import torch
 
 from ..config import PruneConfig
 from ..data import DataSpec, SyntheticOptions, load_datasets, model_data_config, parse_data_spec
+from ..distill import DistillationError, check_teacher
 from ..flops import count_flops, predict_flops
 from ..patch import apply
 from ..presets import get_preset
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
 from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..teacher import TeacherError, TeacherSpec
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import BudgetError, format_flops, parse_budget
@@ -57,6 +59,7 @@ class SearchSettings:
     seed: int = 0
     early_stopping: bool = False
     device: str = "cpu"
+    teacher: TeacherSpec | None = None  # distil from this model instead of the dense baseline
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -66,9 +69,13 @@ class SearchSettings:
                                    **changes)
 
     def to_record(self, space: SearchSpace) -> dict[str, Any]:
-        """JSON-ready record stored with the study (the space by content, not by file name)."""
+        """JSON-ready record stored with the study (the space and a teacher checkpoint by content,
+        not by file name; no teacher key without one, as studies made before teachers)."""
         record = dataclasses.asdict(self)
         record["space"] = space.data
+        del record["teacher"]
+        if self.teacher is not None:
+            record["teacher"] = self.teacher.identity()
         return record
 
 
@@ -118,6 +125,11 @@ def search(
     datasets = _parse(lambda: load_datasets(settings.data, model_data_config(probe), synthetic=settings.synthetic),
                       None, ValueError)
     probe.reset_classifier(datasets.num_classes)  # the head is part of the FLOPs
+    if settings.teacher is not None:  # built, and checked against every distillation the space samples
+        try:
+            check_teacher(_parse(settings.teacher.load, None, TeacherError), probe, space.distill_kinds())
+        except DistillationError as error:
+            raise SearchError(f"--teacher {settings.teacher.name}: {error}") from None
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
     dense_flops = predict_flops(probe)
@@ -355,6 +367,7 @@ def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_
             "model": dataclasses.asdict(settings.model), "data": str(data),
             "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
             "device": settings.device, "threads": cpus,
+            "teacher": None if settings.teacher is None else dataclasses.asdict(settings.teacher),
             "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
         }
         trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context),

@@ -17,8 +17,9 @@ from typing import Any, Callable
 import yaml
 
 from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
+from ..distill import DISTILL_KINDS
 
-DISTILL_CHOICES = ("none", "logits", "features", "tis")
+DISTILL_CHOICES = ("none",) + DISTILL_KINDS
 BUILT_IN = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
@@ -31,7 +32,7 @@ class Candidate:
     """What one trial trains: the reduction, and how it is fine-tuned."""
 
     prune: PruneConfig
-    distill: str = "none"      # none, logits, features, tis
+    distill: str = "none"      # none, logits, tis, features, features_cls
     beta: float = 0.0
     lr: float | None = None    # None: the recipe's
 
@@ -219,6 +220,11 @@ class SearchSpace:
     @property
     def reducer_choices(self) -> tuple[str, ...]:
         return _values(self.reducers)
+
+    def distill_kinds(self) -> tuple[str, ...]:
+        """The distillation kinds some candidate of this space trains with (tis: sait only)."""
+        declared = _values(self.specs[("distill", "kind")])
+        return tuple(k for k in declared if k != "none" and (k != "tis" or "sait" in self.reducer_choices))
 
     # -- sampling -------------------------------------------------------------------------------
 

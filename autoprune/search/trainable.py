@@ -15,25 +15,29 @@ import torch
 
 from ..config import PruneConfig
 from ..data import SyntheticOptions, load_datasets, model_data_config
+from ..teacher import TeacherSpec
 from ..train import TrainConfig, TrainingFailed
 from ..trial import Baseline, ModelSpec, load_baseline, run_trial
 
 FINAL = "autoprune_final"
 FAILED = "autoprune_failed"
 
-# A reused worker keeps its data and baseline: building them is most of a trial's start-up.
-_PREPARED: dict[str, tuple[Any, Baseline]] = {}
+# A reused worker keeps its data, baseline and teacher: building them is most of a trial's start-up.
+_PREPARED: dict[str, tuple[Any, Baseline, Any]] = {}
 
 
 def _prepare(context: dict[str, Any]):
-    key = repr(sorted((k, repr(v)) for k, v in context.items() if k in ("model", "data", "synthetic", "baseline", "device")))
+    key = repr(sorted((k, repr(v)) for k, v in context.items()
+                      if k in ("model", "data", "synthetic", "baseline", "device", "teacher")))
     if key not in _PREPARED:
         _PREPARED.clear()
         spec = ModelSpec(**context["model"])
         synthetic = SyntheticOptions(**context["synthetic"])
         baseline = load_baseline(Path(context["baseline"]), spec, device=context["device"])
         datasets = load_datasets(context["data"], model_data_config(baseline.model), synthetic=synthetic)
-        _PREPARED[key] = (datasets, baseline)
+        teacher = context.get("teacher")
+        teacher = None if teacher is None else TeacherSpec(**teacher).load().to(context["device"])
+        _PREPARED[key] = (datasets, baseline, teacher)
     return _PREPARED[key]
 
 
@@ -45,7 +49,7 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
     if context.get("threads"):
         torch.set_num_threads(context["threads"])
     try:
-        datasets, baseline = _prepare(context)
+        datasets, baseline, teacher = _prepare(context)
         prune = PruneConfig.from_dict(config["prune_config"])
         recipe = TrainConfig.from_dict(config["train_config"])
 
@@ -54,8 +58,8 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
                          "train_loss": record.train_loss})
 
         checkpoint = Path(context["checkpoints"]) / f"trial_{config['trial_number']}.pt"
-        result = run_trial(baseline, datasets, prune, recipe, on_epoch=on_epoch, save_to=checkpoint,
-                           throughput_rounds=context.get("throughput_rounds", 5))
+        result = run_trial(baseline, datasets, prune, recipe, teacher=teacher, on_epoch=on_epoch,
+                           save_to=checkpoint, throughput_rounds=context.get("throughput_rounds", 5))
     except TrainingFailed as error:
         tune.report({FAILED: str(error)})
         return
