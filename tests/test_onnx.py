@@ -28,8 +28,6 @@ CONFIGS = {
     "sait value": PruneConfig(reducer="sait", layers=(1,), keep_rate=0.6),
     "bat": PruneConfig(reducer="bat", layers=(1, 2), keep_rate=0.6, clusters=3, knn=3, pairs=2),
 }
-BAT_DOES_NOT_TRACE = pytest.mark.xfail(  # strict: once BAT traces, this mark must go
-    strict=True, raises=OnnxExportError, reason="BAT's clustering (cdist, data-dependent steps) does not trace yet")
 
 
 def onnx_logits(path, images: torch.Tensor) -> torch.Tensor:
@@ -46,7 +44,7 @@ def assert_matches_pytorch(model, path, images: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("cfg", [
-    pytest.param(cfg, id=name, marks=[BAT_DOES_NOT_TRACE] if cfg.reducer == "bat" else [])
+    pytest.param(cfg, id=name)
     for name, cfg in CONFIGS.items()
 ])
 def test_each_reducer_exports_and_matches_pytorch(cfg, images, tmp_path):

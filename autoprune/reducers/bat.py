@@ -1,7 +1,7 @@
 """BAT (Long et al., CVPR'23): keep the attentive tokens (merging near-duplicate pairs among them)
 and summarise the inattentive ones by density-peak clustering.
 
-Every step is a fixed-shape tensor operation (sorts, gathers, masks; loops only over the
+Every step is a fixed-shape tensor operation (comparisons, gathers, masks; loops only over the
 configured pair count), so the reducer traces and exports; ties are broken by position, so
 equal inputs always give equal outputs.
 """
@@ -77,7 +77,7 @@ def density_peak_clusters(x: Tensor, clusters: int, knn: int) -> Tensor:
     Ties in density and in rank go to the earlier token, so the result is deterministic."""
     m = x.shape[1]
     x = x.float()
-    distance = torch.cdist(x, x) / math.sqrt(x.shape[-1])
+    distance = _pairwise_distance(x) / math.sqrt(x.shape[-1])
     neighbours = min(knn, m - 1)
     if neighbours > 0:
         nearest = distance.topk(neighbours + 1, dim=-1, largest=False).values[..., 1:]
@@ -89,7 +89,7 @@ def density_peak_clusters(x: Tensor, clusters: int, knn: int) -> Tensor:
     delta = distance.masked_fill(~denser, float("inf")).min(dim=-1).values
     delta = torch.where(rank == 0, distance.max(dim=-1).values, delta)
     centre_score = torch.where(rank == 0, float("inf"), log_density + delta.log())
-    centres = centre_score.argsort(dim=-1, descending=True, stable=True)[:, :clusters]
+    centres = _descending_order(centre_score)[:, :clusters]
     to_centre = gather_tokens(distance.transpose(1, 2), centres).transpose(1, 2)  # [b, i, c]
     centre_denser = gather_tokens(denser.transpose(1, 2), centres).transpose(1, 2)
     assign = to_centre.masked_fill(~centre_denser, float("inf")).argmin(dim=-1)
@@ -97,8 +97,32 @@ def density_peak_clusters(x: Tensor, clusters: int, knn: int) -> Tensor:
     return assign.scatter(1, centres, ids)
 
 
+def _pairwise_distance(x: Tensor) -> Tensor:
+    """Euclidean distances between the tokens of x [B, m, C] through one matmul, as torch.cdist
+    computes them at these sizes, written out because cdist has no ONNX export. The diagonal is
+    exactly 0 (cancellation would leave it slightly positive), so a token is its own nearest."""
+    squared = x.square().sum(dim=-1)
+    gram = x @ x.transpose(1, 2)
+    distance_sq = (squared.unsqueeze(2) + squared.unsqueeze(1) - 2 * gram).clamp_min(0)
+    self_pairs = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return distance_sq.masked_fill(self_pairs, 0).sqrt()
+
+
 def _rank(values: Tensor) -> Tensor:
-    """Position of each entry in descending order along dim 1, ties to the earlier entry."""
-    order = values.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(values.shape[1], device=values.device).expand_as(order)
-    return torch.empty_like(order).scatter_(1, order, positions)
+    """Position of each entry in descending order along dim 1, ties to the earlier entry.
+
+    Counted by pairwise comparison (the entries above it, and the equal ones before it) rather
+    than by a stable sort, which ONNX lacks; m is the few dozen tokens a BAT layer clusters."""
+    m = values.shape[1]
+    positions = torch.arange(m, device=values.device)
+    earlier = positions[None, :] < positions[:, None]  # [i, j]: j comes before i
+    above = values.unsqueeze(1) > values.unsqueeze(2)  # [b, i, j]: v_j > v_i
+    tied_before = (values.unsqueeze(1) == values.unsqueeze(2)) & earlier
+    return (above | tied_before).sum(dim=-1)
+
+
+def _descending_order(values: Tensor) -> Tensor:
+    """Indices that sort dim 1 descending, ties to the earlier entry: the inverse of `_rank`."""
+    rank = _rank(values)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(rank)
+    return torch.empty_like(rank).scatter(1, rank, positions)
