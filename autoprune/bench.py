@@ -1,7 +1,9 @@
 """Throughput of dense vs reduced models, timed interleaved in one process (reducers.md protocol).
 
 A machine is noisy, so only ratios of interleaved runs are trusted: every round times each model
-once, in a rotating order, and the median round is reported.
+once, in a rotating order, and the median round is reported. Each reduced model gets a reference:
+its slicing floor, the same token schedule reduced by keeping the first tokens (no scores, no
+matching, no key bias), so a reducer's own overhead reads as its time over the floor's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from .config import PruneConfig
 from .flops import count_flops
-from .patch import apply
+from .patch import apply, apply_slicing, reductions
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,8 @@ class BenchRow:
     images_per_s: float
     speedup: float        # measured, over the dense model
     ideal_speedup: float  # dense FLOPs / reduced FLOPs
+    floor_of: str | None = None     # a slicing-floor row: the config whose schedule it runs
+    overhead: float | None = None   # a reduced row: its time over its floor's, less 1
 
     @property
     def efficiency(self) -> float:
@@ -63,34 +67,54 @@ def time_interleaved(models: dict[str, nn.Module], images: torch.Tensor, rounds:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def floor_name(name: str) -> str:
+    return f"{name} [floor]"
+
+
+def slicing_floor(dense: nn.Module, reduced: nn.Module, images: torch.Tensor) -> nn.Module:
+    """A copy of `dense` that keeps, at each reducing layer of `reduced`, as many tokens as
+    `reduced` computes on `images` (a padded batch computes its largest count)."""
+    with torch.inference_mode():
+        keep = {r.block: int(r.counts.max()) for r in reductions(reduced, images, chunk=len(images))}
+    return apply_slicing(copy.deepcopy(dense), keep)
+
+
 def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int = 32,
-              rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0) -> list[BenchRow]:
+              rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0,
+              floor: bool = True) -> list[BenchRow]:
     """Time the dense `model` and a reduced copy per config on random images; the first row is
-    dense. On CUDA the models run under bf16 autocast. FLOPs of adaptive configs are averaged
-    over the same images."""
+    dense; with `floor`, each config's slicing floor follows it. On CUDA the models run under
+    bf16 autocast. FLOPs of adaptive configs are averaged over the same images."""
     torch.manual_seed(seed)
     target = torch.device(device)
     dense = apply(model, None).eval().to(target)
     embed = dense.patch_embed
     images = torch.randn(batch_size, embed.proj.in_channels, *embed.img_size, device=target)
     models = {"dense": dense}
-    models.update({name: apply(copy.deepcopy(dense), cfg) for name, cfg in configs.items()})
+    floors = {}
+    for name, cfg in configs.items():
+        models[name] = apply(copy.deepcopy(dense), cfg)
+        if floor:
+            floors[floor_name(name)] = name
+            models[floor_name(name)] = slicing_floor(dense, models[name], images)
     flops = {name: count_flops(m, images) for name, m in models.items()}
     rates = time_interleaved(models, images, rounds, warmup,
                              torch.bfloat16 if target.type == "cuda" else None)
     return [
         BenchRow(name=name, config=configs.get(name), gflops=flops[name] / 1e9,
                  images_per_s=rates[name], speedup=rates[name] / rates["dense"],
-                 ideal_speedup=flops["dense"] / flops[name])
+                 ideal_speedup=flops["dense"] / flops[name], floor_of=floors.get(name),
+                 overhead=rates[floor_name(name)] / rates[name] - 1 if floor_name(name) in rates else None)
         for name in models
     ]
 
 
 def format_table(rows: list[BenchRow]) -> str:
     """A Markdown table of benchmark rows."""
-    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal | over floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        over = "" if row.overhead is None else f"{row.overhead:+.1%}"
         lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
-                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} |")
+                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} | {over} |")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from .cli_calibrate import register as register_calibrate
 from .config import ConfigError, PruneConfig
 from .study_attrs import DEFAULT_STORAGE
 from .train import MAX_SEED
@@ -93,10 +94,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     model = _create_model(args.model, parse_model_kwargs(args.model_kwargs))
     try:
         rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
-                         warmup=args.warmup, device=args.device)
+                         warmup=args.warmup, device=args.device, floor=not args.no_floor)
     except ConfigError as error:
         raise UsageError(str(error)) from None
-    header = (f"model {args.model} {args.model_kwargs or ''}| device {args.device} "
+    header = (f"model {' '.join(filter(None, (args.model, args.model_kwargs)))} | device {args.device} "
               f"({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
               f"{torch.get_num_threads()} threads) | batch {args.batch_size} | fused attention | "
               f"no torch.compile | median of {args.rounds} interleaved rounds")
@@ -174,6 +175,13 @@ def _checked(options: dict) -> dict:
             raise UsageError(f"--config: {name}: {value!r} is invalid; accepted: a single value (text)")
         if value is not None:
             options[name] = str(value)
+    if options["budget"] is not None:
+        from .search.budget import BudgetError, parse_budget
+
+        try:
+            parse_budget(options["budget"])
+        except BudgetError as error:
+            raise UsageError(str(error)) from None
     kwargs = options.get("model_kwargs")
     if kwargs is not None and not isinstance(kwargs, (str, dict)):
         raise UsageError(f"--config: model_kwargs: {kwargs!r} is invalid; accepted: a mapping or name=value,...")
@@ -328,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    bench.add_argument("--no-floor", action="store_true",
+                       help="leave out each config's slicing floor (its token schedule by plain slicing)")
     bench.set_defaults(run=cmd_bench)
+    register_calibrate(commands)
 
     search = commands.add_parser(
         "search", help="search token-reduction configs within a FLOPs budget (Ray Tune + Optuna)",
@@ -393,9 +404,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DASH_VALUE_FLAGS = ("--budget",)  # values that may begin with '-' (a negative budget is refused by its parser)
+
+
+def _attach_dash_values(argv: list[str]) -> list[str]:
+    """`--budget -1G` -> `--budget=-1G`: argparse would take -1G for an option and print its usage;
+    attached, the value reaches the budget parser, whose one line names what is wrong."""
+    out: list[str] = []
+    for item in argv:
+        if out and out[-1] in DASH_VALUE_FLAGS and item.startswith("-") and not item.startswith("--"):
+            out[-1] = f"{out[-1]}={item}"
+        else:
+            out.append(item)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else list(argv)))
     for name in ("batch_size", "rounds", "warmup", "threads"):  # bench's; search checks its own after merging --config
         value = getattr(args, name, None)
         if value is not None and value < (0 if name == "warmup" else 1):
