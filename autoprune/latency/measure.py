@@ -39,7 +39,10 @@ DEFAULT_KINDS = (
 MERGE_RATIOS = (0.55, 0.75, 0.95)  # tokens out / tokens in: tome and ppt remove at most half
 KEEP_RATIOS = (0.3, 0.6, 0.9)
 _UNMIXED_TAU = {"pool": 1e30, "prune": 0.0, "mixed": 1e-20}  # images with identical tokens pool at 1e-20
-MIN_SAMPLE_SECONDS = 2e-3  # parts faster than this are repeated within one timed sample
+# CUDA: parts faster than this are repeated within one sample, so a synchronisation does not
+# dwarf kernels that a real forward queues back to back. CPU: every part runs once per sample,
+# between other parts, so its caches are as cold as in a real forward (repeating it warms them).
+CUDA_MIN_SAMPLE_SECONDS = 2e-3
 
 
 def default_grid(patches: int) -> list[int]:
@@ -124,7 +127,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
 
 
 class _Timer:
-    """Samples per part; a part too fast to time alone is repeated within a sample."""
+    """Samples per part (on CUDA, a part too fast to time alone is repeated within a sample)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -143,8 +146,8 @@ class _Timer:
             run()
         self._sync()
         elapsed = (time.perf_counter() - start) / repeat
-        if key not in self.repeat:
-            self.repeat[key] = max(1, math.ceil(MIN_SAMPLE_SECONDS / max(elapsed, 1e-7)))
+        if key not in self.repeat and self.device.type == "cuda":
+            self.repeat[key] = max(1, math.ceil(CUDA_MIN_SAMPLE_SECONDS / max(elapsed, 1e-7)))
         if record:
             self.samples.setdefault(key, []).append(elapsed)
 
