@@ -87,17 +87,19 @@ class LatencyTable:
 
     # -- lookups ----------------------------------------------------------------------------------
 
-    def _curve(self, name: str, values: list[float]) -> list[float]:
+    def _curve(self, name: str, variant: str, values: dict[str, list[float]] | list[float]) -> list[float]:
         """Values at every integer token count 0..patches, interpolated once and kept."""
-        if name not in self._curves:
-            self._curves[name] = [_interpolate(self.grid, values, n) for n in range(self.patches + 1)]
-        return self._curves[name]
+        curve = self._curves.get((name, variant))
+        if curve is None:
+            series = values if isinstance(values, list) else self._series(values, variant, name)
+            curve = self._curves[(name, variant)] = [_interpolate(self.grid, series, n) for n in range(self.patches + 1)]
+        return curve
 
     def block_seconds(self, variant: str, n: int) -> float:
-        return self._curve(f"block/{variant}", self._series(self.block, variant, "block"))[n]
+        return self._curve("block", variant, self.block)[n]
 
     def attention_seconds(self, variant: str, n: int) -> float:
-        return self._curve(f"attention/{variant}", self._series(self.attention, variant, "attention"))[n]
+        return self._curve("attention", variant, self.attention)[n]
 
     def mlp_seconds(self, n: int) -> float:
         """A block's MLP half: the whole block less its attention half."""
@@ -105,20 +107,25 @@ class LatencyTable:
 
     def probs_seconds(self, variant: str, n: int) -> float:
         """Explicit attention's extra cost (scores that need probabilities); never below zero."""
-        return max(0.0, self._curve(f"probs/{variant}", self._series(self.probs_extra, variant, "explicit attention"))[n])
+        return max(0.0, self._curve("explicit attention", variant, self.probs_extra)[n])
 
     def head_seconds(self, n: int) -> float:
-        return self._curve("head", self.head)[n]
+        return self._curve("head", "", self.head)[n]
 
     def reduce_seconds(self, kind: str, n: int, n_out: int) -> float:
         """The reducer `kind` taking n tokens to n_out, interpolated over n and the ratio n_out / n."""
-        rows = self.reduce.get(kind)
+        rows = self._curves.get(("reduce", kind))
         if rows is None:
-            raise LatencyError(f"the latency table has no timings for reducer {kind.split('/')[0]!r} "
-                               f"(it has: {', '.join(sorted(self.reduce))}); calibrate with that config")
-        ratio = n_out / n
-        at_grid = [_interpolate([r for r, _ in row], [s for _, s in row], ratio) for row in rows]
-        return _interpolate(self.grid, at_grid, n)
+            if kind not in self.reduce:
+                raise LatencyError(f"the latency table has no timings for reducer {kind.split('/')[0]!r} "
+                                   f"(it has: {', '.join(sorted(self.reduce))}); calibrate with that config")
+            rows = self._curves[("reduce", kind)] = [([r for r, _ in row], [t for _, t in row])
+                                                     for row in self.reduce[kind]]
+        ratio, grid = n_out / n, self.grid
+        if len(grid) == 1:
+            return _interpolate(*rows[0], ratio)
+        i = min(max(bisect.bisect_left(grid, n), 1), len(grid) - 1)  # read the rows at grid[i - 1], grid[i]
+        return _interpolate(grid[i - 1:i + 1], [_interpolate(*rows[j], ratio) for j in (i - 1, i)], n)
 
     def _series(self, table: dict[str, list[float]], variant: str, what: str) -> list[float]:
         if variant not in table:
