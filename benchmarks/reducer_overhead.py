@@ -175,7 +175,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sections = ["# Reducer overhead over the slicing floor", "", "Command:", "",
                 "    PYTHONPATH=. python " + " ".join(sys.argv), "",
-                f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, fp32, fused attention.", ""]
+                f"torch {torch.__version__}, timm {timm.__version__}, {args.threads} threads, fp32, "
+                "fused attention.", ""]
     for name in args.models.split(","):
         sections.append(profile_table(name, 1))
         if not args.no_timing:

@@ -11,7 +11,8 @@ from autoprune.cli import main
 from autoprune.search.budget import ACCEPTED, BudgetError, parse_budget
 from conftest import make_model
 
-TINY = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,depth=2,embed_dim=32,num_heads=2"]
+TINY = ["--model", "vit_tiny_patch16_224",
+        "--model-kwargs", "img_size=32,patch_size=8,depth=2,embed_dim=32,num_heads=2"]
 
 
 @pytest.fixture
@@ -77,7 +78,8 @@ def test_a_negative_budget_in_a_config_file_gets_the_same_line(tmp_path, capsys)
 
 
 def test_speed_budgets_are_refused_by_the_search_until_it_predicts_throughput(tmp_path, capsys):
-    assert main(["search", "--budget", "2x", "--preset", "quickstart", "--storage", f"sqlite:///{tmp_path / 'x.db'}"]) == 2
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["search", "--budget", "2x", "--preset", "quickstart", "--storage", storage]) == 2
     err = capsys.readouterr().err
     assert "is a speed budget" in err and err.count("\n") == 1
 
@@ -124,7 +126,8 @@ def test_the_slicing_floor_runs_the_same_schedule_without_the_reducers_work(imag
 
 
 def test_bench_reports_each_config_over_its_floor(capsys, one_thread):
-    configs = {"tome": PruneConfig(reducer="tome", r=2), "sait": PruneConfig(reducer="sait", layers=(0,), keep_rate=0.5)}
+    configs = {"tome": PruneConfig(reducer="tome", r=2),
+               "sait": PruneConfig(reducer="sait", layers=(0,), keep_rate=0.5)}
     rows = benchmark(make_model(), configs, batch_size=2, rounds=1, warmup=0)
     assert [row.name for row in rows] == ["dense", "tome", "tome [floor]", "sait", "sait [floor]"]
     by_name = {row.name: row for row in rows}

@@ -185,6 +185,8 @@ class _Parts:
         blocks, tokens = self.model.blocks, self._tokens(n, seed, identical_half=False)
         masked = tokens.replace(valid=torch.ones_like(tokens.size, dtype=torch.bool))
         by_variant = {"none": (tokens, False), "prop": (tokens, True), "mask": (masked, False)}
+        for start, prop in by_variant.values():
+            start.attn_bias(prop)  # kept by the tokens: blocks reuse a bias; a reduction makes a new one
         items: list[tuple[tuple, Callable[[], object]]] = []
         for variant in BIAS_VARIANTS:
             start, prop = by_variant[variant]
@@ -221,10 +223,11 @@ class _Parts:
                 for ratio in (MERGE_RATIOS if cfg.reducer in ("tome", "ppt") else KEEP_RATIOS):
                     reducer = TokenReducer(_amount(cfg, n, ratio, branch), 0)
                     key = ("reduce", name, n, ratio)
-                    run = (lambda r=reducer, t=tokens, q=q, k=k, v=v, s=scale, b=bias, p=probs:
-                           r(t, q, k, v, s, b, p))
+                    # with the key bias its output needs, which the next block would compute
+                    run = (lambda r=reducer, t=tokens, q=q, k=k, v=v, s=scale, b=bias, p=probs,
+                           a=bool(cfg.prop_attn): r(t, q, k, v, s, b, p).attn_bias(a))
                     if key not in self.outputs:
-                        out = run()
+                        out = reducer(tokens, q, k, v, scale, bias, probs)
                         self.outputs[key] = (out.count, out is tokens)
                     items.append((key, run))
         return items

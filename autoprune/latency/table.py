@@ -67,7 +67,8 @@ class LatencyTable:
                            block, so weights come from memory as in a real forward), by key bias
     attention[variant][i]: the same for a block's attention half (up to its residual)
     probs_extra[variant][i]: attention with explicit probabilities over fused attention, one block
-    reduce[kind][i]:       [(tokens out / tokens in, seconds)] for the reducer alone at grid[i] tokens
+    reduce[kind][i]:       [(tokens out / tokens in, seconds)] for the reducer at grid[i] tokens, with
+                           the key bias its output needs (blocks that follow reuse it)
     embed, head[i]:        patch embedding; final norm, pooling and classifier
     """
 
@@ -92,7 +93,8 @@ class LatencyTable:
         curve = self._curves.get((name, variant))
         if curve is None:
             series = values if isinstance(values, list) else self._series(values, variant, name)
-            curve = self._curves[(name, variant)] = [_interpolate(self.grid, series, n) for n in range(self.patches + 1)]
+            curve = [_interpolate(self.grid, series, n) for n in range(self.patches + 1)]
+            self._curves[(name, variant)] = curve
         return curve
 
     def block_seconds(self, variant: str, n: int) -> float:
