@@ -31,7 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import autoprune.patch as patch
 import autoprune.reducers as reducers
-from autoprune import PruneConfig, apply
+from autoprune import apply
 from autoprune.bench import benchmark, slicing_floor
 from autoprune.cli import load_configs
 from autoprune.presets import get_preset
