@@ -69,7 +69,8 @@ def calibrate(
     dtype: float32 (default on CPU) runs as is; bfloat16 or float16 (default bfloat16 on CUDA)
     run under autocast, as `autoprune bench` does. A table already cached for the same model,
     device, batch size, dtype and versions is returned without timing unless `refresh`; `kinds`
-    are configs whose reducers to time (their amounts are varied; their layers are ignored)."""
+    are configs whose reducers to time (their amounts are varied; their layers are ignored);
+    `grid` the token counts to time (all patches are always among them)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kinds = {reduce_kind(cfg): cfg for cfg in kinds}
@@ -101,6 +102,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     grid = sorted(set(grid)) if grid is not None else default_grid(patches)
     if not grid or grid[0] < 1 or grid[-1] > patches:
         raise ValueError(f"calibrate: grid {grid} is invalid; accepted: token counts from 1 to {patches}")
+    grid = sorted(set(grid) | {patches})  # the dense model's count is always measured, never extrapolated
     parts = _Parts(model, batch_size, device, kinds)
     timer = _Timer(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
