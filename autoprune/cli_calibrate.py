@@ -26,7 +26,8 @@ def register(commands) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32 as is, bfloat16/float16 under autocast "
                         "(default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, median kept (default: %(default)s)")
-    parser.add_argument("--grid", help="token counts to time, comma-separated (default: 10 from 1 to all patches)")
+    parser.add_argument("--grid", help="token counts to time, comma-separated; all patches are always timed "
+                                       "(default: 10 from 1 to all patches)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--out", default="studies/latency", help="folder of cached tables (default: %(default)s)")
     parser.add_argument("--refresh", action="store_true", help="measure again even if a table is cached")
