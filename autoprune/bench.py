@@ -2,7 +2,9 @@
 
 A machine is noisy, so only ratios of interleaved runs are trusted: every round times each model
 once, in a rotating order, and the median round is reported. The models run in PyTorch (eager) or,
-exported to ONNX, in onnxruntime's CPU provider.
+exported to ONNX, in onnxruntime's CPU provider. Each reduced model gets a reference: its slicing
+floor, the same token schedule reduced by keeping the first tokens (no scores, no matching, no key
+bias), so a reducer's own overhead reads as its time over the floor's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from .config import PruneConfig
 from .flops import count_flops
 from .onnx_export import INPUT, OnnxExportError, onnxruntime_session, write_onnx
-from .patch import apply
+from .patch import apply, apply_slicing, reductions
 
 BACKENDS = ("eager", "onnxruntime")
 Runner = Callable[[Tensor], object]  # a model, or anything else that runs a batch
@@ -37,7 +39,9 @@ class BenchRow:
     images_per_s: float
     speedup: float        # measured, over the dense model
     ideal_speedup: float  # dense FLOPs / reduced FLOPs
-    refused: str | None = None  # why the backend could not run it (then the timings are NaN)
+    refused: str | None = None      # why the backend could not run it (then the timings are NaN)
+    floor_of: str | None = None     # a slicing-floor row: the config whose schedule it runs
+    overhead: float | None = None   # a reduced row: its time over its floor's, less 1
 
     @property
     def efficiency(self) -> float:
@@ -73,14 +77,26 @@ def time_interleaved(models: dict[str, Runner], images: torch.Tensor, rounds: in
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def floor_name(name: str) -> str:
+    return f"{name} [floor]"
+
+
+def slicing_floor(dense: nn.Module, reduced: nn.Module, images: torch.Tensor) -> nn.Module:
+    """A copy of `dense` that keeps, at each reducing layer of `reduced`, as many tokens as
+    `reduced` computes on `images` (a padded batch computes its largest count)."""
+    with torch.inference_mode():
+        keep = {r.block: int(r.counts.max()) for r in reductions(reduced, images, chunk=len(images))}
+    return apply_slicing(copy.deepcopy(dense), keep, like=reduced)
+
+
 def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int = 32,
               rounds: int = 7, warmup: int = 2, device: str = "cpu", seed: int = 0, backend: str = "eager",
-              log: Callable[[str], None] = lambda line: None) -> list[BenchRow]:
+              floor: bool = True, log: Callable[[str], None] = lambda line: None) -> list[BenchRow]:
     """Time the dense `model` and a reduced copy per config on random images; the first row is
-    dense. On CUDA the models run under bf16 autocast. FLOPs of adaptive configs are averaged
-    over the same images. With backend "onnxruntime" every model is exported to ONNX (checked
-    against PyTorch) and run by onnxruntime's CPU provider; a config it refuses gets a row that
-    says why."""
+    dense; with `floor`, each config's slicing floor follows it. On CUDA the models run under bf16
+    autocast. FLOPs of adaptive configs are averaged over the same images. With backend
+    "onnxruntime" every model is exported to ONNX (checked against PyTorch) and run by
+    onnxruntime's CPU provider; a config it refuses gets a row that says why."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend: {backend!r} is invalid; accepted: {', '.join(BACKENDS)}")
     torch.manual_seed(seed)
@@ -91,7 +107,12 @@ def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int
     embed = dense.patch_embed
     images = torch.randn(batch_size, embed.proj.in_channels, *embed.img_size, device=target)
     models = {"dense": dense}
-    models.update({name: apply(copy.deepcopy(dense), cfg) for name, cfg in configs.items()})
+    floors = {}
+    for name, cfg in configs.items():
+        models[name] = apply(copy.deepcopy(dense), cfg)
+        if floor:
+            floors[floor_name(name)] = name
+            models[floor_name(name)] = slicing_floor(dense, models[name], images)
     flops = {name: count_flops(m, images) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as folder:
         runners: dict[str, Runner] = dict(models)
@@ -104,7 +125,9 @@ def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int
     return [
         BenchRow(name=name, config=configs.get(name), gflops=flops[name] / 1e9,
                  images_per_s=rates.get(name, math.nan), speedup=rates.get(name, math.nan) / rates["dense"],
-                 ideal_speedup=flops["dense"] / flops[name], refused=refused.get(name))
+                 ideal_speedup=flops["dense"] / flops[name], refused=refused.get(name), floor_of=floors.get(name),
+                 overhead=(rates[floor_name(name)] / rates[name] - 1
+                           if floor_name(name) in rates and name in rates else None))
         for name in models
     ]
 
@@ -132,13 +155,14 @@ def _onnxruntime_runners(models: dict[str, nn.Module], images: Tensor, folder: P
 
 def format_table(rows: list[BenchRow]) -> str:
     """A Markdown table of benchmark rows (refused ones marked, with the reason below)."""
-    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal | over floor |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row.refused:
-            lines.append(f"| {row.name} | {row.gflops:.3f} | refused* | | {row.ideal_speedup:.2f}x | |")
-        else:
-            lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
-                         f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} |")
+            lines.append(f"| {row.name} | {row.gflops:.3f} | refused* | | {row.ideal_speedup:.2f}x | | |")
+            continue
+        over = "" if row.overhead is None else f"{row.overhead:+.1%}"
+        lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
+                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} | {over} |")
     notes = [f"*{row.name}: {row.refused}" for row in rows if row.refused]
     return "\n".join(lines + ([""] + notes if notes else []))

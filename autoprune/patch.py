@@ -4,11 +4,16 @@
 submodule with no parameters) and the model's class to a `Reduced...` subclass whose
 `forward_features` threads `Tokens` through the blocks. Blocks that do not reduce run timm's own
 forward (fused attention), given the key bias that merges or padding call for. The state dict
-is unchanged, so weights load into either form.
+is unchanged, so weights load into either form. The forward also runs stage by stage (`embed`,
+`run_block`, `attention_half`, `mlp_half`, `head`) for latency calibration, and `apply_slicing`
+gives the physical floor of a token schedule (plain slicing) for `autoprune bench`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -110,36 +115,59 @@ class ReducingBlock(Block):
     reducer: TokenReducer
 
     def forward_tokens(self, tokens: Tokens, bias: Tensor | None) -> Tokens:
-        x = tokens.x
-        y, q, k, v, probs = attention_parts(self.attn, self.norm1(x), bias, self.reducer.needs_probs)
-        tokens = tokens.replace(x=x + self.drop_path1(self.ls1(y)))
+        tokens, q, k, v, probs = attention_half(self, tokens, bias, self.reducer.needs_probs)
         if self.reducer.after_mlp:
-            return self.reducer(self._mlp(tokens), q, k, v, self.attn.scale, bias, probs)
-        return self._mlp(self.reducer(tokens, q, k, v, self.attn.scale, bias, probs))
+            return self.reducer(mlp_half(self, tokens), q, k, v, self.attn.scale, bias, probs)
+        return mlp_half(self, self.reducer(tokens, q, k, v, self.attn.scale, bias, probs))
 
-    def _mlp(self, tokens: Tokens) -> Tokens:
-        x = tokens.x
-        return tokens.replace(x=x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+def attention_half(block: Block, tokens: Tokens, bias: Tensor | None, need_probs: bool):
+    """A block up to its attention residual: (tokens, q, k, v, probs), as a reducing block runs it."""
+    x = tokens.x
+    y, q, k, v, probs = attention_parts(block.attn, block.norm1(x), bias, need_probs)
+    return tokens.replace(x=x + block.drop_path1(block.ls1(y))), q, k, v, probs
+
+
+def mlp_half(block: Block, tokens: Tokens) -> Tokens:
+    """A block's MLP residual."""
+    x = tokens.x
+    return tokens.replace(x=x + block.drop_path2(block.ls2(block.mlp(block.norm2(x)))))
+
+
+def embed(model: VisionTransformer, images: Tensor) -> Tokens:
+    """The tokens entering the first block: patch and position embedding, pre-norm."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+    return Tokens.start(x, model.num_prefix_tokens, getattr(model, "track_source", False))
+
+
+def run_block(block: Block, tokens: Tokens, prop_attn: bool) -> Tokens:
+    """One block as a reduced model runs it: the key bias that merges or padding call for, then
+    timm's own forward (fused attention), or attention, reduction and MLP for a reducing block."""
+    bias = tokens.attn_bias(prop_attn)
+    if isinstance(block, ReducingBlock):
+        return block.forward_tokens(tokens, bias)
+    return tokens.replace(x=block(tokens.x, attn_mask=bias))
+
+
+def head(model: "ReducedVisionTransformer", tokens: Tokens) -> Tensor:
+    """Final norm, pooling and classifier on the tokens leaving the last block."""
+    model.final_tokens = tokens
+    return model.forward_head(model.norm(tokens.x))
 
 
 class ReducedVisionTransformer(VisionTransformer):
     """Mixed in front of a timm ViT class by `apply`; never instantiated directly."""
 
-    prune_config: PruneConfig
+    prune_config: PruneConfig | None  # None: a slicing floor (`apply_slicing`)
     track_source: bool = False
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("a token-reduced model does not take attn_mask or is_causal")
-        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
-        tokens = Tokens.start(x, self.num_prefix_tokens, self.track_source)
-        prop_attn = bool(self.prune_config.prop_attn)
+        tokens = embed(self, x)
+        prop_attn = self.prune_config is not None and bool(self.prune_config.prop_attn)
         for block in self.blocks:
-            bias = tokens.attn_bias(prop_attn)
-            if isinstance(block, ReducingBlock):
-                tokens = block.forward_tokens(tokens, bias)
-            else:
-                tokens = tokens.replace(x=block(tokens.x, attn_mask=bias))
+            tokens = run_block(block, tokens, prop_attn)
         self.final_tokens = tokens
         return self.norm(tokens.x)
 
@@ -173,6 +201,26 @@ def _reduced_class(cls: type) -> type:
     return _REDUCED_CLASSES[cls]
 
 
+def _timm_class(module: nn.Module) -> type:
+    """The class a module has without autoprune's patching."""
+    if isinstance(module, ReducedVisionTransformer):
+        return next(c for c in type(module).__mro__[1:] if c is not ReducedVisionTransformer)
+    return Block if isinstance(module, ReducingBlock) else type(module)
+
+
+def architecture(model: nn.Module) -> str:
+    """What a model computes, whatever reduction is applied to it: each module's timm class and
+    settings, the input size and the prefix tokens (latency tables are keyed by it)."""
+    lines = [f"img_size={tuple(model.patch_embed.img_size)} prefix={model.num_prefix_tokens}"]
+    for name, module in model.named_modules():
+        if isinstance(module, (TokenReducer, SliceReducer)):
+            continue
+        fused = getattr(module, "fused_attn", None)
+        lines.append(f"{name}: {_timm_class(module).__name__}({module.extra_repr()})"
+                     + ("" if fused is None else f" fused_attn={fused}"))
+    return "\n".join(lines)
+
+
 def remove(model: VisionTransformer) -> VisionTransformer:
     """Undo `apply`: the model is the plain timm model again."""
     if isinstance(model, ReducedVisionTransformer):
@@ -180,7 +228,7 @@ def remove(model: VisionTransformer) -> VisionTransformer:
             if isinstance(block, ReducingBlock):
                 del block.reducer
                 block.__class__ = Block
-        model.__class__ = next(c for c in type(model).__mro__[1:] if c is not ReducedVisionTransformer)
+        model.__class__ = _timm_class(model)
         for name in ("prune_config", "final_tokens"):
             model.__dict__.pop(name, None)
     return model
@@ -232,3 +280,79 @@ def _check_model(model: VisionTransformer, cfg: PruneConfig, layers: tuple[int, 
             raise ConfigError(
                 f"PruneConfig.layers: block {layer} is a {type(block).__name__} with "
                 f"{type(getattr(block, 'attn', None)).__name__}; only timm's Block with Attention can reduce")
+
+
+# -- the physical floor of a token schedule, and what reducers did on a batch ---------------------
+
+class SliceReducer(nn.Module):
+    """Keeps the first `keep` non-prefix tokens: no scores, no matching, no key bias. A model
+    reduced this way runs a reducer's token schedule at the least cost the device allows."""
+
+    needs_probs = False
+
+    def __init__(self, keep: int, after_mlp: bool = False) -> None:
+        super().__init__()
+        self.keep = keep
+        self.after_mlp = after_mlp
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, after_mlp={self.after_mlp}"
+
+    def forward(self, tokens: Tokens, *attention) -> Tokens:
+        end = tokens.prefix + self.keep
+        return tokens.map_tensors(lambda t: t[:, :end])
+
+
+def apply_slicing(model: VisionTransformer, keep: dict[int, int], like: nn.Module | None = None) -> VisionTransformer:
+    """Patch `model` in place to keep, in each block of `keep`, its first keep[block] non-prefix
+    tokens, where the reduced model `like` reduces (between attention and MLP, or after the MLP
+    for SaiT); the floor `autoprune bench` reports."""
+    remove(model)
+    for layer, count in keep.items():
+        block = model.blocks[layer]
+        after_mlp = like is not None and getattr(like.blocks[layer], "reducer", None) is not None \
+            and like.blocks[layer].reducer.after_mlp
+        block.__class__ = ReducingBlock
+        block.reducer = SliceReducer(count, after_mlp)
+    model.__class__ = _reduced_class(type(model))
+    model.prune_config = None
+    return model
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What one reducing layer did to each image of a batch."""
+
+    block: int
+    counts: Tensor        # [B] non-prefix tokens each image kept (padding excluded)
+    merged_only: Tensor   # [B] True where the image lost no patch: its token sizes sum as before
+                          # (merging only; for ppt, the pooling branch)
+
+
+def reductions(model: nn.Module, images: Tensor, chunk: int = 64) -> list[Reduction]:
+    """Run a reduced model on `images` (in chunks) and report every reducing layer, in block order."""
+    found: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def record(block: int, module: nn.Module, args: tuple, out: Tokens) -> None:
+        before = args[0]
+        counts = out.count if out.valid is None else out.body(out.valid).sum(dim=1)
+        counts = torch.as_tensor(counts, device=out.x.device).expand(out.x.shape[0])
+        merged = torch.isclose(_size_mass(out), _size_mass(before))
+        found.setdefault(block, []).append((counts, merged))
+
+    hooks = [block.reducer.register_forward_hook(lambda mod, args, out, i=i: record(i, mod, args, out))
+             for i, block in enumerate(model.blocks) if isinstance(block, ReducingBlock)]
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), chunk):
+                model(images[start:start + chunk])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [Reduction(block, torch.cat([c for c, _ in parts]), torch.cat([m for _, m in parts]))
+            for block, parts in sorted(found.items())]
+
+
+def _size_mass(tokens: Tokens) -> Tensor:
+    size = tokens.size if tokens.valid is None else tokens.size * tokens.valid
+    return size.sum(dim=1)

@@ -20,7 +20,8 @@ def test_bench_prints_dense_and_each_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert code == 0
     rows = json.loads(out.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["dense", "evit half", "tome r=2 @all"]
+    assert [row["name"] for row in rows] == ["dense", "evit half", "evit half [floor]", "tome r=2 @all",
+                                             "tome r=2 @all [floor]"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["ideal_speedup"] > 1.0
     assert "| evit half |" in out
 

@@ -225,7 +225,7 @@ def test_kill_9_mid_trial_then_resume(workdir):
     (["--budget", "60%", "--data", "imagefolder:/no/such/folder"], "/no/such/folder"),
     (["--budget", "60%", "--data", "mnist"], "mnist"),
     (["--budget", "60%", "--space", "no_such_space.yaml"], "no_such_space.yaml"),
-    (["--budget", "tiny"], "--budget: 'tiny' is not a FLOPs budget"),
+    (["--budget", "tiny"], "--budget: 'tiny' is not a FLOPs or speed budget"),
     (["--budget", "1%"], "below the cheapest config the search space can express"),
     (["--budget", "60%", "--storage", "nosuchdb://x"], "--storage"),
 ])

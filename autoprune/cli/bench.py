@@ -36,7 +36,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     model = create_model(args.model, parse_model_kwargs(args.model_kwargs))
     try:
         rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
-                         warmup=args.warmup, device=args.device, backend=args.backend,
+                         warmup=args.warmup, device=args.device, backend=args.backend, floor=not args.no_floor,
                          log=lambda line: print(line, file=sys.stderr))
     except (ConfigError, OnnxExportError) as error:
         raise UsageError(str(error)) from None
@@ -48,7 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     else:
         runtime = (f"device {args.device} ({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
                    f"{torch.get_num_threads()} threads) | fused attention | no torch.compile")
-    header = (f"model {args.model} {args.model_kwargs or ''}| {runtime} | batch {args.batch_size} | "
+    header = (f"model {' '.join(filter(None, (args.model, args.model_kwargs)))} | {runtime} | batch {args.batch_size} | "
               f"median of {args.rounds} interleaved rounds")
     table = format_table(rows)
     print(header, table, sep="\n\n")
@@ -88,4 +88,6 @@ def register(commands) -> None:
     bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    bench.add_argument("--no-floor", action="store_true",
+                       help="leave out each config's slicing floor (its token schedule by plain slicing)")
     bench.set_defaults(run=cmd_bench, check=_check_counts)

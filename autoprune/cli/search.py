@@ -79,6 +79,13 @@ def _checked(options: dict) -> dict:
             raise UsageError(f"--config: {name}: {value!r} is invalid; accepted: a single value (text)")
         if value is not None:
             options[name] = str(value)
+    if options["budget"] is not None:
+        from ..search.budget import BudgetError, parse_budget
+
+        try:
+            parse_budget(options["budget"])
+        except BudgetError as error:
+            raise UsageError(str(error)) from None
     for name in ("model_kwargs", "teacher_kwargs"):
         kwargs = options.get(name)
         if kwargs is not None and not isinstance(kwargs, (str, dict)):

@@ -8,8 +8,7 @@ Indices passed to reducers address non-prefix tokens only: prefix tokens are nev
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,6 +28,9 @@ class Tokens:
     prefix: int
     valid: Tensor | None = None
     source: Tensor | None = None
+    # attn_bias results by (prop_attn, dtype), shared by the copies `replace` makes while sizes
+    # and padding stay the same, so blocks that do not reduce reuse their input's bias
+    _biases: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def start(cls, x: Tensor, prefix: int, track_source: bool = False) -> "Tokens":
@@ -51,16 +53,30 @@ class Tokens:
         return tensor[:, self.prefix:]
 
     def replace(self, **changes) -> "Tokens":
-        return dataclasses.replace(self, **changes)
+        """A copy with some of x, size, prefix, valid, source changed (called in every block, so
+        built directly rather than through dataclasses.replace)."""
+        unknown = changes.keys() - _FIELDS
+        if unknown:
+            raise TypeError(f"Tokens.replace: unknown field(s) {sorted(unknown)}")
+        same_keys = "size" not in changes and "valid" not in changes
+        return Tokens(x=changes.get("x", self.x), size=changes.get("size", self.size),
+                      prefix=changes.get("prefix", self.prefix), valid=changes.get("valid", self.valid),
+                      source=changes.get("source", self.source), _biases=self._biases if same_keys else {})
 
     def attn_bias(self, prop_attn: bool) -> Tensor | None:
         """Additive key bias [B, 1, 1, N]: log(size) with proportional attention, -inf on padding."""
         if not prop_attn and self.valid is None:
             return None
-        bias = self.size.log() if prop_attn else torch.zeros_like(self.size)
-        if self.valid is not None:
-            bias = bias.masked_fill(~self.valid, float("-inf"))
-        return bias.to(self.x.dtype)[:, None, None, :]
+        key = (prop_attn, self.x.dtype)
+        bias = self._biases.get(key)
+        if bias is None:
+            bias = self.size.log() if prop_attn else torch.zeros_like(self.size)
+            if self.valid is not None:
+                bias = bias.masked_fill(~self.valid, float("-inf"))
+            if bias.dtype != self.x.dtype:
+                bias = bias.to(self.x.dtype)
+            bias = self._biases[key] = bias.reshape(bias.shape[0], 1, 1, bias.shape[1])
+        return bias
 
     def map_tensors(self, fn) -> "Tokens":
         """Apply fn to every per-token tensor (x, size, valid, source)."""
@@ -71,11 +87,44 @@ class Tokens:
         })
 
 
-def gather_tokens(tensor: Tensor, index: Tensor) -> Tensor:
-    """tensor[b, index[b, i], ...] for a [B, N, ...] tensor and [B, K] index."""
-    shape = index.shape + tensor.shape[2:]
-    expanded = index.reshape(index.shape + (1,) * (tensor.dim() - 2)).expand(shape)
-    return tensor.gather(1, expanded)
+_FIELDS = frozenset({"x", "size", "prefix", "valid", "source"})
+
+
+def gather_tokens(tensor: Tensor, index: Tensor, offset: int = 0) -> Tensor:
+    """tensor[b, offset + index[b, i], ...] for a [B, N, ...] tensor and [B, K] index."""
+    return _select_rows(tensor, _flat_rows(index, tensor.shape[1], offset), index.shape)
+
+
+# Selecting and adding whole rows (index_select, index_add_) over the batch flattened is many times
+# faster on a CPU than gather / scatter_add_ with an index expanded over the channels, which read
+# an index per element; index_add_ sums in member order, as scatter_add_ does. One image needs no
+# flattening, so batch 1 runs fewer operations.
+
+def _flat_rows(index: Tensor, count: int, offset: int = 0) -> Tensor:
+    """Row of each token of index [B, K] (+ offset) in its [B, count] tensor, flattened; for one
+    image, just its positions."""
+    batch = index.shape[0]
+    if batch == 1:
+        return index[0] + offset if offset else index[0]
+    starts = torch.arange(offset, batch * count, count, device=index.device)
+    return (index + starts.unsqueeze(1)).reshape(-1)
+
+
+def _select_rows(tensor: Tensor, rows: Tensor, index_shape: torch.Size) -> Tensor:
+    batch, count = tensor.shape[:2]
+    if batch == 1:
+        return tensor.index_select(1, rows)
+    picked = tensor.reshape((batch * count,) + tensor.shape[2:]).index_select(0, rows)
+    return picked.reshape(index_shape + tensor.shape[2:])
+
+
+def _add_rows(values: Tensor, rows: Tensor, groups: int) -> Tensor:
+    """[B, groups, ...] sums of the [B, M, ...] values at rows (from `_flat_rows`)."""
+    batch, tail = values.shape[0], values.shape[2:]
+    if batch == 1:
+        return values.new_zeros((1, groups) + tail).index_add_(1, rows, values)
+    out = values.new_zeros((batch * groups,) + tail).index_add_(0, rows, values.reshape((-1,) + tail))
+    return out.reshape((batch, groups) + tail)
 
 
 def prefix_of(tokens: Tokens) -> Tokens:
@@ -86,34 +135,45 @@ def prefix_of(tokens: Tokens) -> Tokens:
 
 def take(tokens: Tokens, index: Tensor) -> Tokens:
     """The non-prefix tokens at `index` [B, K], unchanged (a prefix-free part)."""
-    part = tokens.map_tensors(lambda t: gather_tokens(tokens.body(t), index))
-    return part.replace(prefix=0)
+    rows = _flat_rows(index, tokens.x.shape[1], tokens.prefix)
+
+    def pick(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else _select_rows(tensor, rows, index.shape)
+
+    return Tokens(x=pick(tokens.x), size=pick(tokens.size), prefix=0, valid=pick(tokens.valid),
+                  source=pick(tokens.source))
 
 
 def combine(
     tokens: Tokens,
     index: Tensor,
     group: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     groups: int,
     normalize: bool,
 ) -> Tokens:
     """New tokens, one per group: sum of weight * x over the members, divided by the summed weight
     when `normalize`. Members are the non-prefix tokens at `index` [B, M]; `group` [B, M] says
-    which of the `groups` outputs each joins. Sizes and sources add up."""
-    def scatter(values: Tensor) -> Tensor:
-        out = values.new_zeros((values.shape[0], groups) + values.shape[2:])
-        return out.scatter_add_(1, group.reshape(group.shape + (1,) * (values.dim() - 2)).expand_as(values), values)
+    which of the `groups` outputs each joins; weight None weighs each by its size (the summed
+    sizes are then the divisor too). Sizes and sources add up."""
+    members = _flat_rows(index, tokens.x.shape[1], tokens.prefix)
+    targets = _flat_rows(group, groups)
 
-    x = gather_tokens(tokens.body(tokens.x), index)
-    w = weight.to(x.dtype)
-    pooled = scatter(x * w.unsqueeze(-1))
+    def pool(values: Tensor) -> Tensor:
+        return _add_rows(values, targets, groups)
+
+    x = _select_rows(tokens.x, members, index.shape)
+    member_size = _select_rows(tokens.size, members, index.shape)
+    w = member_size if weight is None else weight
+    w = w if w.dtype == x.dtype else w.to(x.dtype)
+    pooled = pool(x * w.unsqueeze(-1))
+    size = pool(member_size)
     if normalize:
-        pooled = pooled / scatter(w).clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
-    size = scatter(gather_tokens(tokens.body(tokens.size), index))
+        total = size if w is member_size else pool(w)
+        pooled = pooled / total.clamp_min(torch.finfo(w.dtype).tiny).unsqueeze(-1)
     source = None
     if tokens.source is not None:
-        source = scatter(gather_tokens(tokens.body(tokens.source), index))
+        source = pool(_select_rows(tokens.source, members, index.shape))
     return Tokens(x=pooled, size=size, prefix=0, source=source)
 
 

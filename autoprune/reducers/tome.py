@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tokens import Tokens, combine, concat, gather_tokens, prefix_of, take
+from .tokens import Tokens, combine, concat, prefix_of, take
 
 
 def tome(tokens: Tokens, metric: Tensor, r: int) -> Tokens:
@@ -25,7 +25,8 @@ def tome(tokens: Tokens, metric: Tensor, r: int) -> Tokens:
     a_pos = torch.arange(first_a, n, 2, device=metric.device)
     b_pos = torch.arange(1 - first_a, n, 2, device=metric.device)
     metric = F.normalize(metric, dim=-1)
-    similarity = metric[:, a_pos] @ metric[:, b_pos].transpose(1, 2)
+    # strided views, not copies: A and B alternate
+    similarity = metric[:, first_a::2] @ metric[:, 1 - first_a::2].transpose(1, 2)
     best, best_b = similarity.max(dim=-1)
     order = best.argsort(dim=1, descending=True)
     merged_a, unmerged_a = order[:, :r], order[:, r:].sort(dim=1).values
@@ -34,6 +35,5 @@ def tome(tokens: Tokens, metric: Tensor, r: int) -> Tokens:
     members = torch.cat([b_index, a_pos[merged_a]], dim=1)
     group = torch.cat([torch.arange(len(b_pos), device=metric.device).expand(batch, -1),
                        best_b.gather(1, merged_a)], dim=1)
-    weight = gather_tokens(tokens.body(tokens.size), members)
-    b_tokens = combine(tokens, members, group, weight, len(b_pos), normalize=True)
+    b_tokens = combine(tokens, members, group, None, len(b_pos), normalize=True)  # size-weighted
     return concat(prefix_of(tokens), take(tokens, a_pos[unmerged_a]), b_tokens)

@@ -1,9 +1,12 @@
-"""FLOPs budgets as users write them on the command line (`--budget 2.6GFLOPs`, `--budget 56%`).
+"""Budgets as users write them on the command line: FLOPs (`--budget 2.6GFLOPs`, `--budget 56%`) or
+speed (`--budget 2x`, `--budget 1500img/s`).
 
-A budget is either absolute (FLOPs per image, the convention papers report) or relative to the dense
-model; a relative budget can only be turned into FLOPs once the dense model has been measured, which is
-why `Budget` keeps both forms and resolves late. Parsing is strict: a bare small number such as `2.6` is
-refused rather than read as 2.6 FLOPs, because it is almost surely a missing unit.
+A FLOPs budget is either absolute (FLOPs per image, the convention papers report) or relative to the
+dense model; a relative budget can only be turned into FLOPs once the dense model has been measured,
+which is why `Budget` keeps both forms and resolves late. A speed budget asks for a throughput on the
+device and batch size of the latency table that predicts it: a multiple of the dense model's (`2x`)
+or images per second. Parsing is strict: a bare small number such as `2.6` is refused rather than
+read as 2.6 FLOPs, because it is almost surely a missing unit.
 """
 
 from __future__ import annotations
@@ -12,17 +15,20 @@ import math
 import re
 from dataclasses import dataclass
 
-ACCEPTED = "2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9 or 56% (of the dense model)"
+ACCEPTED = ("2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9, 56% (of the dense model's FLOPs), "
+            "2x (the dense model's throughput) or 1500img/s")
 MIN_PLAIN_FLOPS = 1e6  # below this a number without a K/M/G prefix is taken as a missing unit
 
 _PREFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?"
 _ABSOLUTE = re.compile(rf"^({_NUMBER})\s*([kmg]?)\s*(flops?)?$", re.IGNORECASE)
 _RELATIVE = re.compile(rf"^({_NUMBER})\s*%$", re.IGNORECASE)
+_SPEEDUP = re.compile(rf"^({_NUMBER})\s*x$", re.IGNORECASE)
+_RATE = re.compile(rf"^({_NUMBER})\s*(?:img|images)/s$", re.IGNORECASE)
 
 
 class BudgetError(ValueError):
-    """A `--budget` value that is not a FLOPs budget; the message shows it and the accepted forms."""
+    """A `--budget` value that is not a budget; the message shows it and the accepted forms."""
 
 
 def _refuse(text: object, why: str) -> BudgetError:
@@ -31,29 +37,62 @@ def _refuse(text: object, why: str) -> BudgetError:
 
 @dataclass(frozen=True)
 class Budget:
-    """A FLOPs budget: absolute (`flops`) or a fraction of the dense model (`fraction`), never both."""
+    """One of: absolute FLOPs (`flops`), a fraction of the dense model's FLOPs (`fraction`), a
+    multiple of the dense model's throughput (`speedup`) or a throughput (`images_per_s`)."""
 
-    text: str                # as the user wrote it
-    flops: float | None      # absolute FLOPs per image, or None if relative
-    fraction: float | None   # relative to the dense model (0.56 for "56%"), or None
+    text: str                         # as the user wrote it
+    flops: float | None = None        # absolute FLOPs per image
+    fraction: float | None = None     # of the dense model's FLOPs (0.56 for "56%")
+    speedup: float | None = None      # at least this many times the dense model's throughput
+    images_per_s: float | None = None  # at least this throughput
 
     def __post_init__(self) -> None:
         # exactly one form, positive and finite: every consumer can then trust the numbers
-        if (self.flops is None) == (self.fraction is None):
-            raise _refuse(self.text, "must be either absolute FLOPs or a fraction of the dense model, exactly one")
+        forms = (self.flops, self.fraction, self.speedup, self.images_per_s)
+        if sum(value is not None for value in forms) != 1:
+            raise _refuse(self.text, "must be exactly one of absolute FLOPs, a fraction of the dense model, "
+                                     "a speedup or a throughput")
         if self.flops is not None and not (math.isfinite(self.flops) and self.flops > 0):
             raise _refuse(self.text, f"gives {self.flops!r} FLOPs, which is not a positive finite number")
         if self.fraction is not None and not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
             raise _refuse(self.text, f"gives fraction {self.fraction!r}, which is not in (0, 1]")
+        for name in ("speedup", "images_per_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise _refuse(self.text, f"gives {name} {value!r}, which is not a positive finite number")
 
     @property
     def relative(self) -> bool:
         return self.fraction is not None
 
+    @property
+    def speed(self) -> bool:
+        """A throughput budget: feasibility comes from the latency predictor, not from FLOPs."""
+        return self.speedup is not None or self.images_per_s is not None
+
+    def required_throughput(self, dense_throughput: float) -> float:
+        """Images/s a config must reach; `dense_throughput` is the dense model's on the same table."""
+        if self.images_per_s is not None:
+            return self.images_per_s
+        if self.speedup is None:
+            raise BudgetError(f"Budget.required_throughput: {self.text!r} is a FLOPs budget; accepted: a speed budget")
+        if not (isinstance(dense_throughput, (int, float)) and math.isfinite(dense_throughput) and dense_throughput > 0):
+            raise BudgetError(f"Budget.required_throughput: dense_throughput {dense_throughput!r} is invalid; "
+                              "accepted: the dense model's positive images/s")
+        return self.speedup * float(dense_throughput)
+
+    def throughput_shortfall(self, predicted: float, dense_throughput: float) -> float:
+        """Images/s a config with `predicted` throughput lacks: <= 0 means it fits the budget (the sign
+        convention of Optuna constraints, like FLOPs over a FLOPs budget)."""
+        return self.required_throughput(dense_throughput) - predicted
+
     def resolve(self, dense_flops: float) -> float:
         """Absolute FLOPs per image; a relative budget needs the dense model's FLOPs to mean anything."""
         if self.flops is not None:
             return self.flops
+        if self.speed:
+            raise BudgetError(f"Budget.resolve: {self.text!r} is a speed budget, which has no FLOPs figure; "
+                              "accepted: a FLOPs budget (use required_throughput for speed)")
         if not (isinstance(dense_flops, (int, float)) and math.isfinite(dense_flops) and dense_flops > 0):
             raise BudgetError(
                 f"Budget.resolve: dense_flops {dense_flops!r} is invalid; accepted: the dense model's positive FLOPs per image"
@@ -64,16 +103,29 @@ class Budget:
     def __str__(self) -> str:
         if self.flops is not None:
             return format_flops(self.flops)
+        if self.speedup is not None:
+            return f"{_significant(self.speedup)}x dense throughput"
+        if self.images_per_s is not None:
+            return f"{_significant(self.images_per_s)} img/s"
         assert self.fraction is not None
         return f"{_significant(self.fraction * 100)}% of dense"
 
 
 def parse_budget(text: str) -> Budget:
-    """Read `2.6GFLOPs`, `2.6G`, `2600MFLOPs`, `850KFLOPs`, `2.6e9`, `2600000000` or `56%`."""
+    """Read `2.6GFLOPs`, `2.6G`, `2600MFLOPs`, `850KFLOPs`, `2.6e9`, `2600000000`, `56%`, `2x` or
+    `1500img/s`."""
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):
-        raise _refuse(text, "is not a FLOPs budget")
+        raise _refuse(text, "is not a FLOPs or speed budget")
     raw = text if isinstance(text, str) else repr(text)
     stripped = raw.strip()
+
+    for pattern, name, unit in ((_SPEEDUP, "speedup", "a speedup"), (_RATE, "images_per_s", "a throughput")):
+        speed = pattern.match(stripped)
+        if speed:
+            value = float(speed.group(1))
+            if not (math.isfinite(value) and value > 0):
+                raise _refuse(raw, f"is not {unit} above zero")
+            return Budget(text=raw, **{name: value})
 
     relative = _RELATIVE.match(stripped)
     if relative:
@@ -84,7 +136,7 @@ def parse_budget(text: str) -> Budget:
 
     absolute = _ABSOLUTE.match(stripped)
     if not absolute:
-        raise _refuse(raw, "is not a FLOPs budget")
+        raise _refuse(raw, "is not a FLOPs or speed budget")
     value = float(absolute.group(1))
     prefix = absolute.group(2).lower()
     flops = value * _PREFIXES[prefix]
