@@ -83,9 +83,13 @@ class ModelSpec:
         if not path.is_file():
             raise BaselineError(f"checkpoint {self.init!r} does not exist (expected a timm/PyTorch weights file)")
         try:
-            # timm's own loader: adapts the classifier when the class count differs
+            # timm's own loader (checkpoint dict layouts, position embeddings resampled to the model's
+            # size); told the checkpoint's class count, it keeps a classifier that fits the data and
+            # replaces one that does not (told nothing, it assumes 1000 and replaces any other)
+            head = timm.models.load_state_dict(str(path)).get("head.weight")
+            overlay = {"file": str(path.resolve()), "num_classes": None if head is None else head.shape[0]}
             return timm.create_model(self.name, pretrained=True, num_classes=num_classes,
-                                     pretrained_cfg_overlay={"file": str(path.resolve())}, **self.kwargs)
+                                     pretrained_cfg_overlay=overlay, **self.kwargs)
         except Exception as error:
             raise BaselineError(f"checkpoint {self.init!r} does not fit {self.name}: "
                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
@@ -140,11 +144,15 @@ def dense_baseline(
                 log(f"the cached baseline in {folder} is unreadable ({type(error).__name__}); training it again")
         seed_everything(recipe.seed)  # the random init too: the cache key promises one model per key
         model = spec.create(datasets.num_classes).to(device)
-        log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
         started = time.perf_counter()
-        history = fine_tune(model, datasets.train, recipe, val_set=datasets.val,
-                            on_epoch=lambda r: log(f"  baseline epoch {r.epoch}: loss {r.train_loss:.3f} "
-                                                   f"val top-1 {r.metrics.get('top1', float('nan')):.2f}"))
+        history: list[EpochRecord] = []
+        if recipe.epochs == 0:  # the starting weights as they are: measured, not trained
+            log(f"measuring the dense baseline {spec.name} as it starts (0 epochs) -> {folder}")
+        else:
+            log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
+            history = fine_tune(model, datasets.train, recipe, val_set=datasets.val,
+                                on_epoch=lambda r: log(f"  baseline epoch {r.epoch}: loss {r.train_loss:.3f} "
+                                                       f"val top-1 {r.metrics.get('top1', float('nan')):.2f}"))
         model.eval()
         metrics = measure(model, datasets, recipe.batch_size, recipe.workers)
         metrics.update(train_seconds=time.perf_counter() - started, history=[dataclasses.asdict(h) for h in history],

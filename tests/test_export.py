@@ -9,9 +9,8 @@ import autoprune
 from autoprune.cli import main
 from autoprune.data import load_datasets, model_data_config
 from autoprune.export import pick_trial
-from autoprune.search import search
 from autoprune.train import evaluate
-from test_search import SYNTHETIC, tiny_settings
+from test_search import SYNTHETIC, search, tiny_settings
 
 
 @pytest.fixture(scope="module")

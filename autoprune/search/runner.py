@@ -26,12 +26,14 @@ from ..config import PruneConfig
 from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..flops import count_flops, predict_flops
 from ..patch import apply
-from ..presets import get_preset
+from ..presets import get_preset, recipes_for
+from ..progress import LiveProgress
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
 from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
+from .baseline_gate import baseline_refusal
 from .budget import BudgetError, format_flops, parse_budget
 from .searcher import Progress, StudySearcher, recover_interrupted
 from .space import Candidate, SearchSpace
@@ -60,9 +62,13 @@ class SearchSettings:
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
+        """The preset's settings with `changes`; recipes not given follow the model and its starting
+        point (`presets.recipes_for`): a from-scratch recipe for a model trained from scratch."""
         preset = get_preset(name)
-        return dataclasses.replace(cls(budget=budget, model=preset.model, data=preset.data, synthetic=preset.synthetic,
-                                       recipe=preset.trial, baseline_recipe=preset.baseline, device=preset.device),
+        model = changes.pop("model", preset.model)
+        recipes = recipes_for(preset, model)
+        return dataclasses.replace(cls(budget=budget, model=model, data=preset.data, synthetic=preset.synthetic,
+                                       recipe=recipes.trial, baseline_recipe=recipes.baseline, device=preset.device),
                                    **changes)
 
     def to_record(self, space: SearchSpace) -> dict[str, Any]:
@@ -97,13 +103,21 @@ def search(
     gpus_per_trial: float | None = None,
     concurrency: int = 1,
     retries: int = 2,
+    min_baseline_accuracy: float | None = None,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) a search until the study holds `trials` finished trials. It writes the
-    study only: `autoprune.report.write_report` reads it afterwards (the CLI does so at once)."""
+    study only: `autoprune.report.write_report` reads it afterwards (the CLI does so at once).
+    A dense baseline below `min_baseline_accuracy` (val top-1, %; default chance + 5 points)
+    stops it before any trial. With `log` print on a terminal, running trials redraw in place."""
     if trials < 1 or concurrency < 1 or retries < 0:
         raise SearchError(f"trials and concurrency must be positive and retries >= 0 "
                           f"(got {trials}, {concurrency}, {retries})")
+    if settings.recipe.epochs <= 0:
+        raise SearchError(f"recipe.epochs: {settings.recipe.epochs!r} is invalid for trials; accepted: a positive "
+                          "number (only the baseline may take 0 epochs)")
+    running = LiveProgress.for_output(log)
+    log = running.write
     if gpus_per_trial is None:
         gpus_per_trial = 1 if settings.device.startswith("cuda") else 0
     if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
@@ -137,14 +151,11 @@ def search(
     _parse(lease.acquire, None, StorageError)
     try:
         # decided under the lease; a study with no settings and no trials is new, or was created by a
-        # search that died before recording its settings: either way this search defines it
-        if study.user_attrs.get(SETTINGS_ATTR) is not None or study.trials:
+        # search that died (or stopped at its baseline) before recording its settings: either way
+        # this search defines it, once its baseline is worth reducing
+        defined = study.user_attrs.get(SETTINGS_ATTR) is not None or bool(study.trials)
+        if defined:
             _check_same_settings(study, study_name, _jsonable(record))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(OBJECTIVES))
-            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         if UID_ATTR not in study.user_attrs:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
         try:
@@ -152,18 +163,28 @@ def search(
                                       settings.synthetic, device=settings.device, log=log)
         except BaselineError as error:
             raise SearchError(str(error)) from None
+        refusal = baseline_refusal(baseline.metrics["val"]["top1"], datasets.num_classes, settings.data,
+                                   settings.model, settings.baseline_recipe, min_baseline_accuracy, baseline.path)
+        if refusal:
+            raise SearchError(refusal)
+        if not defined:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(OBJECTIVES))
+            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         study.set_user_attr(DENSE_ATTR, {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
         return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,
-                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, log, lambda: lease.held)
+                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, running, lambda: lease.held)
     finally:
         lease.release()
 
 
 def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
-           cpus_per_trial, gpus_per_trial, concurrency, retries, log, leased) -> SearchResult:
+           cpus_per_trial, gpus_per_trial, concurrency, retries, running, leased) -> SearchResult:
     """Recover, warm-start and run trials on an opened, leased study."""
+    log = running.write
     depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     recovered = recover_interrupted(study)
     if recovered:
@@ -191,7 +212,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             study, space, depth, patches, budget_flops, flops_of,
             train_config=lambda c, number: dataclasses.replace(
                 settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-            target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased)
+            target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased)
         _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
                  concurrency, retries)
         if searcher.proposed:
