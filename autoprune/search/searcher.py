@@ -20,6 +20,7 @@ from ..config import PruneConfig
 from ..progress import LiveProgress, format_duration
 from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
+from ..train import TrainConfig
 from .space import Candidate, SearchSpace
 from .trainable import FAILED, FINAL
 
@@ -158,7 +159,8 @@ class StudySearcher(Searcher):
         trial.set_user_attr("ray_trial_id", trial_id)
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
-        self.progress.trial_started(trial_id, trial.number, candidate.prune.describe(), train_config["epochs"])
+        self.progress.trial_started(trial_id, trial.number, candidate.prune.describe(),
+                                    TrainConfig.from_dict(train_config).epochs)
         return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
 
     def _next_trial(self) -> optuna.Trial:
