@@ -30,6 +30,7 @@ from .config import PruneConfig
 from .data import Datasets, SyntheticOptions, make_loader
 from .flops import count_flops
 from .patch import apply, set_strength
+from .progress import LiveProgress
 from .train import EpochRecord, TrainConfig, evaluate, fine_tune, model_device, seed_everything
 
 DEFAULT_CACHE = Path("studies") / "baselines"
@@ -131,8 +132,10 @@ def dense_baseline(
     device: str = "cpu",
     cache_dir: Path = DEFAULT_CACHE,
     log: Callable[[str], None] = print,
+    live: LiveProgress | None = None,
 ) -> Baseline:
-    """The dense baseline for (model, data, recipe), trained once and then read from the cache."""
+    """The dense baseline for (model, data, recipe), trained once and then read from the cache.
+    Its epochs show on `live` (default: one line per epoch through `log`)."""
     key = baseline_key(spec, data, synthetic, recipe)
     folder = Path(cache_dir) / f"{spec.name}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -149,10 +152,14 @@ def dense_baseline(
         if recipe.epochs == 0:  # the starting weights as they are: measured, not trained
             log(f"measuring the dense baseline {spec.name} as it starts (0 epochs) -> {folder}")
         else:
-            log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
-            history = fine_tune(model, datasets.train, recipe, val_set=datasets.val,
-                                on_epoch=lambda r: log(f"  baseline epoch {r.epoch}: loss {r.train_loss:.3f} "
-                                                       f"val top-1 {r.metrics.get('top1', float('nan')):.2f}"))
+            log(f"training the dense baseline {spec.name} ({recipe.epochs:g} epochs) -> {folder}")
+            live = live or LiveProgress(log)
+            live.start(folder, "  baseline", recipe.epochs)
+            try:
+                history = fine_tune(model, datasets.train, recipe, val_set=datasets.val, on_epoch=lambda r: live.update(
+                    folder, r.progress, f"loss {r.train_loss:.3f}, val top-1 {r.metrics.get('top1', float('nan')):.2f}%"))
+            finally:
+                live.finish(folder)
         model.eval()
         metrics = measure(model, datasets, recipe.batch_size, recipe.workers)
         metrics.update(train_seconds=time.perf_counter() - started, history=[dataclasses.asdict(h) for h in history],

@@ -178,7 +178,7 @@ def test_recipe_defaults_follow_the_starting_point(captured, capsys, tmp_path):
     assert settings.model.init == "scratch"
     assert (settings.baseline_recipe, settings.recipe) == (FROM_SCRATCH.baseline, FROM_SCRATCH.trial)
     out = capsys.readouterr().out
-    assert "recipes: baseline 10 epoch(s) at lr 0.001, batch 64; trials 2 epoch(s) at lr 0.0002, batch 64" in out
+    assert "recipes: baseline 10 epochs at lr 0.001, batch 64; trials 2 epochs at lr 0.0002, batch 64" in out
     for weights in (["--pretrained"], ["--checkpoint", str(checkpoint)]):
         settings = captured("--preset", "quickstart", *weights)["settings"]
         assert (settings.baseline_recipe, settings.recipe) == (FINE_TUNE.baseline, FINE_TUNE.trial)
@@ -201,7 +201,7 @@ def test_recipe_flags_and_config_keys(captured, capsys, tmp_path):
     assert (trial.epochs, trial.lr, trial.batch_size) == (1.5, 3e-4, 32)
     assert (baseline.epochs, baseline.lr, baseline.batch_size) == (4, 2e-3, 32)  # --train-batch: both
     assert seen["min_baseline_accuracy"] == 40
-    assert "recipes: baseline 4 epoch(s) at lr 0.002, batch 32; trials 1.5 epoch(s) at lr 0.0003, batch 32" in capsys.readouterr().out
+    assert "recipes: baseline 4 epochs at lr 0.002, batch 32; trials 1.5 epochs at lr 0.0003, batch 32" in capsys.readouterr().out
     config = tmp_path / "search.yaml"
     config.write_text("lr: 1e-4\ntrain-batch: 16\nbaseline_epochs: 0\nmin_baseline_accuracy: 12.5\n")
     seen = captured(*TINY, "--config", str(config), "--train-batch", "8")
@@ -290,6 +290,7 @@ def test_a_baseline_near_chance_stops_the_search_before_any_trial(workdir, capsy
                     r"\(4 classes, chance 25\.0%\), below the 30\.0% \(chance \+ 5 points\) that makes it worth "
                     r"reducing: train it longer \(--baseline-epochs, now 0\.25\)", captured.err), captured.err
     assert "training the dense baseline" in captured.out and "warm start" not in captured.out
+    assert re.search(r"^  baseline: epoch 1/1, loss \d\.\d{3}, val top-1 \d+\.\d\d% \| ", captured.out, re.M)
     cached = list((workdir / "studies" / "baselines").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.pt").is_file() and (cached[0] / "baseline.json").is_file()
     assert f"it stays cached in {cached[0].relative_to(workdir)}" in captured.err
@@ -333,7 +334,7 @@ def test_a_checkpoint_with_0_baseline_epochs_is_measured_as_it_is(ray_session, w
     out = capsys.readouterr().out
     assert "recipes: baseline 0 epochs (the starting weights as they are" in out
     assert "measuring the dense baseline vit_tiny_patch16_224 as it starts (0 epochs)" in out
-    assert "baseline epoch" not in out  # nothing trained
+    assert "baseline: epoch" not in out  # nothing trained
     cached = next((workdir / "studies" / "baselines").iterdir())
     weights = torch.load(cached / "model.pt", weights_only=True)
     assert weights.keys() == trained.state_dict().keys()

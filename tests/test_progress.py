@@ -175,6 +175,7 @@ def test_search_logs_one_line_per_trial_epoch_when_not_on_a_terminal(ray_session
         last_epoch = max(i for i, line in enumerate(lines) if line.startswith(f"  trial {number} "))
         assert any(i > last_epoch and f"trial {number}:" in lines[i] for i in finished)
     assert not any("\x1b" in line for line in lines)
+    assert any(re.match(r"  baseline: epoch 1/1, loss \d\.\d{3}, val top-1 \d+\.\d\d% \| ", line) for line in lines)
 
 
 def test_search_redraws_trial_lines_in_place_on_a_terminal(ray_session, tmp_path, monkeypatch):
@@ -191,4 +192,5 @@ def test_search_redraws_trial_lines_in_place_on_a_terminal(ray_session, tmp_path
     assert not any(" epoch " in line and line.startswith("  trial") for line in shown), shown
     assert sum(line.startswith("[1/1] trial") for line in shown) == 1
     assert any(line.startswith("dense baseline: val top-1") for line in shown)
+    assert not any(line.startswith("  baseline: epoch") for line in shown)  # redrawn, then gone
     assert any(line.startswith("Pareto front") for line in shown)

@@ -4,6 +4,7 @@ its report."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -91,8 +92,6 @@ def _checked(options: dict) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
     from ..presets import get_preset
@@ -152,15 +151,13 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def _override(recipe, **values):
     """`recipe` with the values given on the command line or in --config (None: not given)."""
-    import dataclasses
-
     return dataclasses.replace(recipe, **{key: value for key, value in values.items() if value is not None})
 
 
 def _describe(recipe) -> str:
     if recipe.epochs == 0:
         return "0 epochs (the starting weights as they are: measured, not trained)"
-    return f"{recipe.epochs:g} epoch(s) at lr {recipe.lr:g}, batch {recipe.batch_size}"
+    return f"{recipe.epochs:g} epoch{'' if recipe.epochs == 1 else 's'} at lr {recipe.lr:g}, batch {recipe.batch_size}"
 
 
 def register(commands) -> None:

@@ -160,7 +160,7 @@ def search(
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
         try:
             baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
-                                      settings.synthetic, device=settings.device, log=log)
+                                      settings.synthetic, device=settings.device, log=log, live=running)
         except BaselineError as error:
             raise SearchError(str(error)) from None
         refusal = baseline_refusal(baseline.metrics["val"]["top1"], datasets.num_classes, settings.data,
