@@ -32,9 +32,10 @@ class TrainingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A fine-tuning recipe. `epochs` may be fractional (quick trials); warm-ups are fractions of
-    the whole run. `distill` picks the distillation loss (with weight `beta`; 0 disables it):
-    logits, tis, features or features_cls (distill.py)."""
+    """A fine-tuning recipe. `epochs` may be fractional (quick trials); 0 trains nothing (a dense
+    baseline taken as it is; `fine_tune` refuses it). Warm-ups are fractions of the whole run.
+    `distill` picks the distillation loss (with weight `beta`; 0 disables it): logits, tis,
+    features or features_cls (distill.py)."""
 
     epochs: float = 1.0
     batch_size: int = 64
@@ -54,7 +55,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs > 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
+            "epochs": self.epochs >= 0, "batch_size": self.batch_size >= 1, "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0, "warmup": 0 <= self.warmup < 1,
             "min_lr": self.min_lr >= 0, "clip_grad": self.clip_grad is None or self.clip_grad > 0,
             "label_smoothing": 0 <= self.label_smoothing < 1,
@@ -121,6 +122,8 @@ def fine_tune(
     cfg.beta > 0. After each epoch (and at the end of a fractional one) the model is evaluated
     on `val_set` when given and `on_epoch` receives the record; it may raise to stop training
     (a scheduler's early stop). Raises TrainingFailed on a non-finite loss or CUDA out-of-memory."""
+    if cfg.epochs <= 0:
+        raise ValueError(f"fine_tune: epochs {cfg.epochs!r} trains nothing; accepted: a positive number")
     device = model_device(model)
     if cfg.beta > 0 and teacher is None:
         raise ValueError("fine_tune: beta > 0 needs a teacher")

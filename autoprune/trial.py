@@ -30,6 +30,7 @@ from .config import PruneConfig
 from .data import Datasets, SyntheticOptions, make_loader
 from .flops import count_flops
 from .patch import apply, set_strength
+from .progress import LiveProgress
 from .teacher import TeacherSpec
 from .train import EpochRecord, TrainConfig, evaluate, fine_tune, model_device, seed_everything
 
@@ -84,9 +85,13 @@ class ModelSpec:
         if not path.is_file():
             raise BaselineError(f"checkpoint {self.init!r} does not exist (expected a timm/PyTorch weights file)")
         try:
-            # timm's own loader: adapts the classifier when the class count differs
+            # timm's own loader (checkpoint dict layouts, position embeddings resampled to the model's
+            # size); told the checkpoint's class count, it keeps a classifier that fits the data and
+            # replaces one that does not (told nothing, it assumes 1000 and replaces any other)
+            head = timm.models.load_state_dict(str(path)).get("head.weight")
+            overlay = {"file": str(path.resolve()), "num_classes": None if head is None else head.shape[0]}
             return timm.create_model(self.name, pretrained=True, num_classes=num_classes,
-                                     pretrained_cfg_overlay={"file": str(path.resolve())}, **self.kwargs)
+                                     pretrained_cfg_overlay=overlay, **self.kwargs)
         except Exception as error:
             raise BaselineError(f"checkpoint {self.init!r} does not fit {self.name}: "
                                 f"{str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
@@ -128,8 +133,10 @@ def dense_baseline(
     device: str = "cpu",
     cache_dir: Path = DEFAULT_CACHE,
     log: Callable[[str], None] = print,
+    live: LiveProgress | None = None,
 ) -> Baseline:
-    """The dense baseline for (model, data, recipe), trained once and then read from the cache."""
+    """The dense baseline for (model, data, recipe), trained once and then read from the cache.
+    Its epochs show on `live` (default: one line per epoch through `log`)."""
     key = baseline_key(spec, data, synthetic, recipe)
     folder = Path(cache_dir) / f"{spec.name}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,11 +148,19 @@ def dense_baseline(
                 log(f"the cached baseline in {folder} is unreadable ({type(error).__name__}); training it again")
         seed_everything(recipe.seed)  # the random init too: the cache key promises one model per key
         model = spec.create(datasets.num_classes).to(device)
-        log(f"training the dense baseline {spec.name} ({recipe.epochs} epochs) -> {folder}")
         started = time.perf_counter()
-        history = fine_tune(model, datasets.train, recipe, val_set=datasets.val,
-                            on_epoch=lambda r: log(f"  baseline epoch {r.epoch}: loss {r.train_loss:.3f} "
-                                                   f"val top-1 {r.metrics.get('top1', float('nan')):.2f}"))
+        history: list[EpochRecord] = []
+        if recipe.epochs == 0:  # the starting weights as they are: measured, not trained
+            log(f"measuring the dense baseline {spec.name} as it starts (0 epochs) -> {folder}")
+        else:
+            log(f"training the dense baseline {spec.name} ({recipe.epochs:g} epochs) -> {folder}")
+            live = live or LiveProgress(log)
+            live.start(folder, "  baseline", recipe.epochs)
+            try:
+                history = fine_tune(model, datasets.train, recipe, val_set=datasets.val, on_epoch=lambda r: live.update(
+                    folder, r.progress, f"loss {r.train_loss:.3f}, val top-1 {r.metrics.get('top1', float('nan')):.2f}%"))
+            finally:
+                live.finish(folder)
         model.eval()
         metrics = measure(model, datasets, recipe.batch_size, recipe.workers)
         metrics.update(train_seconds=time.perf_counter() - started, history=[dataclasses.asdict(h) for h in history],

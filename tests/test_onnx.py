@@ -16,7 +16,6 @@ import autoprune  # noqa: E402
 from autoprune import PruneConfig, apply, export_onnx  # noqa: E402
 from autoprune.cli import main  # noqa: E402
 from autoprune.onnx_export import INPUT, OPSET, OUTPUT, TOLERANCE, OnnxExportError, onnxruntime_session  # noqa: E402
-from autoprune.patch import TokenReducer  # noqa: E402
 from autoprune.reducers import token_scores  # noqa: E402
 from conftest import make_model  # noqa: E402
 

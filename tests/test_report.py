@@ -2,6 +2,7 @@
 without running a search (trials are added to an Optuna study directly)."""
 
 import re
+from pathlib import Path
 
 import optuna
 import pandas as pd

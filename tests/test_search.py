@@ -1,6 +1,7 @@
 """The search service end to end on a tiny ViT and tiny synthetic data, with a real local Ray."""
 
 import dataclasses
+import functools
 import os
 import signal
 import subprocess
@@ -15,7 +16,8 @@ import pytest
 
 from autoprune.cli import main
 from autoprune.data import SyntheticOptions
-from autoprune.search import SearchError, SearchSettings, search
+from autoprune.search import SearchError, SearchSettings
+from autoprune.search import search as _search
 from autoprune.study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
 from autoprune.storage import StudyLease, open_storage
 from autoprune.train import TrainConfig
@@ -26,6 +28,8 @@ TINY = ModelSpec("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "embe
 SYNTHETIC = SyntheticOptions(num_classes=4, train_size=64, val_size=32, test_size=32, image_size=32)
 RECIPE = TrainConfig(epochs=1, batch_size=16, workers=0)
 SLOW = TrainConfig(epochs=40, batch_size=16, workers=0)  # trials of a few seconds, to be killed in
+# the tiny baselines here stay near chance (25 %): the search would refuse them before any trial
+search = functools.partial(_search, min_baseline_accuracy=0)
 
 
 def tiny_settings(**changes) -> SearchSettings:
@@ -155,8 +159,7 @@ def test_early_stopped_trials_end_pruned_never_complete(ray_session, workdir):
 DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from test_search import SLOW, tiny_settings
-    from autoprune.search import search
+    from test_search import SLOW, search, tiny_settings
     search(tiny_settings(recipe=SLOW), trials=3, study_name={study!r}, storage={storage!r})
 """)
 
@@ -346,7 +349,7 @@ def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_set
 def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     """A space of mass-based SaiT alone must not be told that nothing below dense fits."""
     from autoprune import PruneConfig, predict_flops
-    from autoprune.search.runner import cheapest_flops
+    from autoprune.search.warm_start import cheapest_flops
     from autoprune.search.space import SearchSpace
     from autoprune.trial import create_unweighted
 

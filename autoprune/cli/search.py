@@ -4,6 +4,8 @@ its report."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes o
     "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
     "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "early_stopping",
     "teacher", "teacher_kwargs", "teacher_pretrained", "teacher_checkpoint",
+    "lr", "train_batch", "baseline_epochs", "baseline_lr", "min_baseline_accuracy",
 }
 
 
@@ -59,7 +62,7 @@ def _checked(options: dict) -> dict:
             converted = kind(value)
         except (TypeError, ValueError):
             raise refused from None
-        if not valid(converted):
+        if not valid(converted) or not math.isfinite(converted):
             raise refused
         options[name] = converted
 
@@ -68,6 +71,11 @@ def _checked(options: dict) -> dict:
     number("cpus_per_trial", int, lambda v: v >= 1, "a positive integer")
     number("gpus_per_trial", float, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)")
     number("epochs", float, lambda v: v > 0, "a positive number (fractions allowed)")
+    number("lr", float, lambda v: v > 0, "a positive number, e.g. 2e-4")
+    number("train_batch", int, lambda v: v >= 1, "a positive integer")
+    number("baseline_epochs", float, lambda v: v >= 0, "a number >= 0 (fractions allowed; 0 takes the weights as they are)")
+    number("baseline_lr", float, lambda v: v > 0, "a positive number, e.g. 1e-3")
+    number("min_baseline_accuracy", float, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
     number("seed", int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
     for name in ("pretrained", "early_stopping", "teacher_pretrained"):
         if options[name] is not None and not isinstance(options[name], bool):
@@ -112,10 +120,9 @@ def _teacher_spec(options: dict):
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    import dataclasses
-
     import torch
 
+    from ..presets import get_preset
     from ..search import SearchError, SearchSettings, search
     from ..trial import ModelSpec
 
@@ -126,14 +133,16 @@ def cmd_search(args: argparse.Namespace) -> None:
     if options["pretrained"] and options["checkpoint"]:
         raise UsageError("--pretrained and --checkpoint exclude each other")
     teacher = _teacher_spec(options)
+    if options["baseline_epochs"] == 0 and options["baseline_lr"] is not None:
+        raise UsageError("--baseline-lr: a baseline of 0 epochs is not trained; drop --baseline-lr or give "
+                         "--baseline-epochs above 0")
     gpus = options["gpus_per_trial"]
     if gpus is None:
         gpus = 1 if torch.cuda.is_available() else 0
     try:
-        settings = SearchSettings.from_preset(options["preset"], budget=str(options["budget"]))
+        model = get_preset(options["preset"]).model
     except ValueError as error:
         raise UsageError(f"--preset: {error}") from None
-    model = settings.model
     if options["model"] is not None and options["model"] != model.name:
         model = ModelSpec(options["model"], {}, "scratch")
     if options["model_kwargs"] is not None:
@@ -143,21 +152,24 @@ def cmd_search(args: argparse.Namespace) -> None:
         model = dataclasses.replace(model, init="pretrained")
     if options["checkpoint"]:
         model = dataclasses.replace(model, init=str(options["checkpoint"]))
-    recipe = settings.recipe
-    if options["epochs"] is not None:
-        recipe = dataclasses.replace(recipe, epochs=options["epochs"])
+    settings = SearchSettings.from_preset(options["preset"], budget=str(options["budget"]), model=model)
+    recipe = _override(settings.recipe, epochs=options["epochs"], lr=options["lr"], batch_size=options["train_batch"])
+    baseline_recipe = _override(settings.baseline_recipe, epochs=options["baseline_epochs"], lr=options["baseline_lr"],
+                                batch_size=options["train_batch"])
     changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
-    settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu",
+    settings = dataclasses.replace(settings, recipe=recipe, baseline_recipe=baseline_recipe,
+                                   device="cuda" if gpus > 0 else "cpu",
                                    early_stopping=bool(options["early_stopping"]), teacher=teacher, **changes)
     print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
           f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
-          f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
+          f"seed {settings.seed}, device {settings.device}, "
           f"early stopping {'on' if settings.early_stopping else 'off'}, "
           f"teacher {f'{teacher.name} ({teacher.weights})' if teacher else 'the dense baseline'}")
+    print(f"recipes: baseline {_describe(baseline_recipe)}; trials {_describe(recipe)}")
     try:
         result = search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
                         address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
-                        concurrency=options["concurrency"])
+                        concurrency=options["concurrency"], min_baseline_accuracy=options["min_baseline_accuracy"])
     except SearchError as error:
         raise UsageError(str(error)) from None
     # the report is the command's last step, not the search's: search() writes the study and
@@ -165,6 +177,17 @@ def cmd_search(args: argparse.Namespace) -> None:
     from ..report import write_report
 
     print(f"report: {write_report(result.storage, result.study_name)}")
+
+
+def _override(recipe, **values):
+    """`recipe` with the values given on the command line or in --config (None: not given)."""
+    return dataclasses.replace(recipe, **{key: value for key, value in values.items() if value is not None})
+
+
+def _describe(recipe) -> str:
+    if recipe.epochs == 0:
+        return "0 epochs (the starting weights as they are: measured, not trained)"
+    return f"{recipe.epochs:g} epoch{'' if recipe.epochs == 1 else 's'} at lr {recipe.lr:g}, batch {recipe.batch_size}"
 
 
 def register(commands) -> None:
@@ -194,7 +217,16 @@ def register(commands) -> None:
     search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
                         "(default, evit_tome, sait; default: default)")
     search.add_argument("--trials", type=int, help="finished trials to reach (default: 32)")
-    search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed (default: the preset's)")
+    # recipe defaults follow the starting point (from scratch, or from trained weights); the
+    # recipes in force are printed at start
+    search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed")
+    search.add_argument("--lr", help="peak learning rate of each trial")
+    search.add_argument("--train-batch", metavar="N", help="batch size of every fine-tune: the baseline's and the trials'")
+    search.add_argument("--baseline-epochs", metavar="E", help="epochs of the dense baseline, fractions allowed; "
+                        "0 takes the starting weights as they are (a checkpoint already trained on this data)")
+    search.add_argument("--baseline-lr", metavar="LR", help="peak learning rate of the dense baseline")
+    search.add_argument("--min-baseline-accuracy", metavar="PCT", help="val top-1 (%%) the dense baseline must reach, or the "
+                        "search stops before any trial (default: chance + 5 points)")
     search.add_argument("--seed", type=int, help="seed of the sampler and of training (default: 0)")
     search.add_argument("--study", help="study name (default: MODEL-BUDGET)")
     search.add_argument("--storage", help=f"Optuna storage, any SQLAlchemy URL (default: {DEFAULT_STORAGE})")

@@ -1,5 +1,7 @@
 """Image folders (`--data imagefolder:PATH`): class subfolders, with or without train/val/test
-splits, every image checked to decode before training starts."""
+splits, every image checked to decode before training starts. Images come as people have them
+(grayscale, 16-bit, palette, transparent, rotated by an EXIF tag, any size): each is read as an
+upright 8-bit RGB image, and the model's transforms bring it to the model's input size."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -17,8 +19,31 @@ from .common import DataError, Datasets, _Config, _stratified_split, _timm_trans
 _MIN_CLASS_SHARE = 0.1  # a class with fewer than this share of the largest class's images is an error
 
 
+_BACKGROUND = (255, 255, 255)  # what transparent pixels show: the white they are usually viewed on
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes for 16-bit grayscale (PNG, TIFF)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """An image file as the upright 8-bit RGB image a viewer shows. PIL's own convert("RGB") gets
+    three cases wrong: 16-bit grayscale saturates to white, transparent pixels show whatever colour
+    they hide, and the EXIF orientation of camera images is ignored."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        if image.mode in _SIXTEEN_BIT:
+            image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().clip(0, 255).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = image.convert("RGBA")
+            background = Image.new("RGBA", image.size, (*_BACKGROUND, 255))
+            return Image.alpha_composite(background, image).convert("RGB")
+        return image.convert("RGB")
+
+
 class _ImageFolder(ImageFolder):
-    """torchvision's ImageFolder, minus hidden folders (.ipynb_checkpoints and the like)."""
+    """torchvision's ImageFolder, minus hidden folders (.ipynb_checkpoints and the like), reading
+    every image with `load_rgb`."""
+
+    def __init__(self, root: str, allow_empty: bool = False) -> None:
+        super().__init__(root, loader=load_rgb, allow_empty=allow_empty)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = _class_folders(Path(directory))

@@ -27,17 +27,20 @@ from ..data import DataSpec, SyntheticOptions, load_datasets, model_data_config,
 from ..distill import DistillationError, check_teacher
 from ..flops import count_flops, predict_flops
 from ..patch import apply
-from ..presets import get_preset
+from ..presets import get_preset, recipes_for
+from ..progress import LiveProgress
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
 from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
 from ..teacher import TeacherError, TeacherSpec
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
+from .baseline_gate import baseline_refusal
 from .budget import BudgetError, format_flops, parse_budget
 from .searcher import Progress, StudySearcher, recover_interrupted
 from .space import Candidate, SearchSpace
 from .trainable import run_search_trial
+from .warm_start import cheapest_flops, enqueue_warm_starts
 
 
 class SearchError(ValueError):
@@ -63,9 +66,13 @@ class SearchSettings:
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
+        """The preset's settings with `changes`; recipes not given follow the model and its starting
+        point (`presets.recipes_for`): a from-scratch recipe for a model trained from scratch."""
         preset = get_preset(name)
-        return dataclasses.replace(cls(budget=budget, model=preset.model, data=preset.data, synthetic=preset.synthetic,
-                                       recipe=preset.trial, baseline_recipe=preset.baseline, device=preset.device),
+        model = changes.pop("model", preset.model)
+        recipes = recipes_for(preset, model)
+        return dataclasses.replace(cls(budget=budget, model=model, data=preset.data, synthetic=preset.synthetic,
+                                       recipe=recipes.trial, baseline_recipe=recipes.baseline, device=preset.device),
                                    **changes)
 
     def to_record(self, space: SearchSpace) -> dict[str, Any]:
@@ -104,13 +111,21 @@ def search(
     gpus_per_trial: float | None = None,
     concurrency: int = 1,
     retries: int = 2,
+    min_baseline_accuracy: float | None = None,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or resume) a search until the study holds `trials` finished trials. It writes the
-    study only: `autoprune.report.write_report` reads it afterwards (the CLI does so at once)."""
+    study only: `autoprune.report.write_report` reads it afterwards (the CLI does so at once).
+    A dense baseline below `min_baseline_accuracy` (val top-1, %; default chance + 5 points)
+    stops it before any trial. With `log` print on a terminal, running trials redraw in place."""
     if trials < 1 or concurrency < 1 or retries < 0:
         raise SearchError(f"trials and concurrency must be positive and retries >= 0 "
                           f"(got {trials}, {concurrency}, {retries})")
+    if settings.recipe.epochs <= 0:
+        raise SearchError(f"recipe.epochs: {settings.recipe.epochs!r} is invalid for trials; accepted: a positive "
+                          "number (only the baseline may take 0 epochs)")
+    running = LiveProgress.for_output(log)
+    log = running.write
     if gpus_per_trial is None:
         gpus_per_trial = 1 if settings.device.startswith("cuda") else 0
     if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
@@ -152,33 +167,40 @@ def search(
     _parse(lease.acquire, None, StorageError)
     try:
         # decided under the lease; a study with no settings and no trials is new, or was created by a
-        # search that died before recording its settings: either way this search defines it
-        if study.user_attrs.get(SETTINGS_ATTR) is not None or study.trials:
+        # search that died (or stopped at its baseline) before recording its settings: either way
+        # this search defines it, once its baseline is worth reducing
+        defined = study.user_attrs.get(SETTINGS_ATTR) is not None or bool(study.trials)
+        if defined:
             _check_same_settings(study, study_name, _jsonable(record))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(list(OBJECTIVES))
-            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         if UID_ATTR not in study.user_attrs:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
         try:
             baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
-                                      settings.synthetic, device=settings.device, log=log)
+                                      settings.synthetic, device=settings.device, log=log, live=running)
         except BaselineError as error:
             raise SearchError(str(error)) from None
+        refusal = baseline_refusal(baseline.metrics["val"]["top1"], datasets.num_classes, settings.data,
+                                   settings.model, settings.baseline_recipe, min_baseline_accuracy, baseline.path)
+        if refusal:
+            raise SearchError(refusal)
+        if not defined:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(OBJECTIVES))
+            study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         study.set_user_attr(DENSE_ATTR, {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
         return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,
-                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, log, lambda: lease.held)
+                      address, cpus_per_trial, gpus_per_trial, concurrency, retries, running, lambda: lease.held)
     finally:
         lease.release()
 
 
 def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
-           cpus_per_trial, gpus_per_trial, concurrency, retries, log, leased) -> SearchResult:
+           cpus_per_trial, gpus_per_trial, concurrency, retries, running, leased) -> SearchResult:
     """Recover, warm-start and run trials on an opened, leased study."""
+    log = running.write
     depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     recovered = recover_interrupted(study)
     if recovered:
@@ -206,7 +228,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             study, space, depth, patches, budget_flops, flops_of,
             train_config=lambda c, number: dataclasses.replace(
                 settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-            target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased)
+            target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased)
         _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
                  concurrency, retries)
         if searcher.proposed:
@@ -236,96 +258,6 @@ def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -
     if not front:
         lines.append("  (no finished trial within budget yet)")
     return "\n".join(lines)
-
-
-# -- budget geometry ----------------------------------------------------------------------------------
-
-def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
-    """A lower bound on what the space can reach: each reducer at its most aggressive settings."""
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    floor = predict_flops(model)
-    for prune in _extremes(space, depth, patches):
-        floor = min(floor, predict_flops(model, prune))
-    return floor
-
-
-def _extremes(space: SearchSpace, depth: int, patches: int):
-    """Configs at the low end of every range (earliest layers, lowest keep rates, most r). A
-    mass-based SaiT config's cost depends on the images: it is bounded by keeping one patch token."""
-    for reducer in space.reducer_choices:
-        trial = _ExtremeTrial(reducer)
-        try:
-            prune = space.sample(trial, depth, patches).prune
-        except ValueError:
-            continue
-        if prune.adaptive:
-            prune = PruneConfig(reducer="sait", layers=prune.layers, keep_rate=1 / patches)
-        yield prune
-
-
-class _ExtremeTrial:
-    """Answers suggestions with the cheapest end of each range."""
-
-    CHEAP_HIGH = ("layers", "tome.r", "bat.pairs")  # more of these is cheaper
-
-    def __init__(self, reducer: str) -> None:
-        self.reducer = reducer
-
-    def suggest_float(self, name, low, high, log=False):
-        if name.startswith("ppt.r_") or name in self.CHEAP_HIGH:
-            return high
-        return low
-
-    def suggest_int(self, name, low, high):
-        return high if name in self.CHEAP_HIGH else low
-
-    def suggest_categorical(self, name, choices):
-        if name == "reducer":
-            return self.reducer
-        if name == "sait.mode":
-            return "value" if "value" in choices else choices[0]
-        if name == "evit.fuse":
-            return False if False in choices else choices[0]
-        return choices[0]
-
-
-def warm_start_candidates(model: torch.nn.Module, budget: float, flops_of: Callable[[Candidate], float]) -> dict[str, Candidate]:
-    """The hand-designed configs of the papers, scaled to the model, that fit the budget."""
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    # EViT's blocks 4/7/10 of 12 (indices 3, 6, 9) scaled to the depth
-    layers = tuple(sorted({min(depth - 1, round(depth * 0.25 * k)) for k in (1, 2, 3)}))
-    sait_layer = (min(depth - 1, round(depth * 0.25)),)
-    found: dict[str, Candidate] = {}
-
-    def first_fitting(name: str, options):
-        for label, cfg in options:
-            candidate = Candidate(cfg)
-            if flops_of(candidate) <= budget:
-                found[f"{name} {label}"] = candidate
-                return
-
-    rates = (0.9, 0.8, 0.7, 0.6, 0.5)
-    first_fitting("evit", [(f"{rate}", PruneConfig(reducer="evit", layers=layers, keep_rate=rate)) for rate in rates])
-    first_fitting("tome", [(f"r{r}", PruneConfig(reducer="tome", r=r)) for r in range(1, patches // 2 + 1)])
-    ppt_r = max(1, round(50 / 196 * patches))  # the paper's r = 50 of 196 patches
-    first_fitting("ppt", [(f"r{r}", PruneConfig(reducer="ppt", layers=layers, r=r, tau=7e-5 * 196 ** 2, tau_mode="cv2"))
-                          for r in range(ppt_r, patches // 2 + 1)])
-    first_fitting("tps", [(f"{rate}", PruneConfig(reducer="tps", layers=layers, keep_rate=rate)) for rate in rates])
-    first_fitting("sait", [(f"M{mass}", PruneConfig(reducer="sait", layers=sait_layer, mass_threshold=mass))
-                           for mass in (0.9, 0.8, 0.7, 0.6, 0.5)])
-    return found
-
-
-def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, model: torch.nn.Module, budget: float,
-                        flops_of: Callable[[Candidate], float]) -> list[str]:
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    enqueued = []
-    for name, candidate in warm_start_candidates(model, budget, flops_of).items():
-        params = space.params_for(candidate, depth, patches)
-        if params is not None:
-            study.enqueue_trial(params, user_attrs={WARM_START: name}, skip_if_exists=True)
-            enqueued.append(name)
-    return enqueued
 
 
 class _Calibration:

@@ -17,8 +17,10 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
 from ..config import PruneConfig
+from ..progress import LiveProgress, format_duration
 from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
+from ..train import TrainConfig
 from .space import Candidate, SearchSpace
 from .trainable import FAILED, FINAL
 
@@ -49,13 +51,30 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
 
 @dataclass
 class Progress:
-    """Prints one line per finished trial: count, best within budget, time used and left."""
+    """Prints one line per finished trial: count, best within budget, time used and left; and,
+    through `running`, a live line per running trial fed by its per-epoch reports."""
 
     total: int
     done_before: int
     write: Callable[[str], None] = print
     started: float = field(default_factory=time.perf_counter)
     done_now: int = 0
+    running: LiveProgress | None = None  # None: one line per epoch through `write`
+
+    def __post_init__(self) -> None:
+        if self.running is None:
+            self.running = LiveProgress(self.write)
+
+    def trial_started(self, key: str, number: int, label: str, epochs: float) -> None:
+        self.running.start(key, f"  trial {number} {label}", epochs)
+
+    def trial_epoch(self, key: str, result: dict) -> None:
+        self.running.update(key, result.get("progress", result["epoch"]),
+                            f"loss {result.get('train_loss', float('nan')):.3f}, "
+                            f"val top-1 {result.get('accuracy', float('nan')):.2f}%")
+
+    def trial_ended(self, key: str) -> None:
+        self.running.finish(key)
 
     def line(self, study: optuna.Study, trial_number: int, text: str) -> None:
         self.done_now += 1
@@ -66,13 +85,7 @@ class Progress:
         best_text = (f"best {best.values[0]:.2f}% at {best.values[1]:.0f} img/s (trial {best.number})"
                      if best else "no feasible result yet")
         self.write(f"[{done}/{self.total}] trial {trial_number}: {text} | {best_text} | "
-                   f"{_duration(elapsed)} elapsed, ~{_duration(left)} left")
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+                   f"{format_duration(elapsed)} elapsed, ~{format_duration(left)} left")
 
 
 class StudySearcher(Searcher):
@@ -146,6 +159,8 @@ class StudySearcher(Searcher):
         trial.set_user_attr("ray_trial_id", trial_id)
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
+        self.progress.trial_started(trial_id, trial.number, candidate.prune.describe(),
+                                    TrainConfig.from_dict(train_config).epochs)
         return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
 
     def _next_trial(self) -> optuna.Trial:
@@ -161,10 +176,16 @@ class StudySearcher(Searcher):
                 continue
         return self.study.ask()
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        """A running trial's per-epoch report: its live progress line."""
+        if trial_id in self.live and "epoch" in result and not result.get(FINAL) and not result.get(FAILED):
+            self.progress.trial_epoch(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         trial = self.live.pop(trial_id, None)
         if trial is None:
             return
+        self.progress.trial_ended(trial_id)
         if self.study._storage.get_trial(trial._trial_id).state.is_finished():
             # a search that took over the study settled it (and queued it to run again)
             self.progress.write(f"trial {trial.number} was settled by the search that took over this study; "

@@ -55,7 +55,7 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
         def on_epoch(record):
             tune.report({"accuracy": record.metrics.get("top1", float("nan")), "epoch": record.epoch,
-                         "train_loss": record.train_loss})
+                         "progress": record.progress, "train_loss": record.train_loss})
 
         checkpoint = Path(context["checkpoints"]) / f"trial_{config['trial_number']}.pt"
         result = run_trial(baseline, datasets, prune, recipe, teacher=teacher, on_epoch=on_epoch,
