@@ -166,6 +166,6 @@ def test_bench_runs_through_onnxruntime(capsys):
     captured = capsys.readouterr()
     assert code == 0
     rows = json.loads(captured.out.strip().splitlines()[-1])
-    assert [row["name"] for row in rows] == ["dense", "tome r=2 @all"]
+    assert [row["name"] for row in rows] == ["dense", "tome r=2 @all", "tome r=2 @all [floor]"]
     assert all(row["refused"] is None and row["images_per_s"] > 0 for row in rows)
-    assert "onnxruntime" in captured.out and "exporting tome r=2 @all to ONNX (2/2)" in captured.err
+    assert "onnxruntime" in captured.out and "exporting tome r=2 @all to ONNX (2/3)" in captured.err
