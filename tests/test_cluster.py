@@ -58,7 +58,8 @@ def test_search_on_a_started_cluster_runs_trials_on_both_nodes(cluster, tmp_path
     search = cluster.run([sys.executable, "-m", "autoprune.cli", "search", "--address", cluster.address,
                           "--preset", "quickstart", "--model-kwargs", TINY_KWARGS, "--data", "imagefolder:images",
                           "--epochs", str(EPOCHS), "--budget", "75%", "--trials", "2", "--concurrency", "2",
-                          "--cpus-per-trial", "1", "--study", "cluster", "--storage", storage], log, timeout=900)
+                          "--cpus-per-trial", "1", "--study", "cluster", "--storage", storage,
+                          "--min-baseline-accuracy", "0"], log, timeout=900)
     assert search.returncode == 0, tail(log)
     nodes = cluster.nodes()
     [node_b] = [node for node, resources in nodes.items() if "node_b" in resources]

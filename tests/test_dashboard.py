@@ -37,8 +37,7 @@ def study_detail(port: int, name: str) -> dict:
 SEARCH = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from test_search import tiny_settings
-    from autoprune.search import search
+    from test_search import search, tiny_settings
     search(tiny_settings(), trials=3, study_name="watched", storage={storage!r})
 """)
 

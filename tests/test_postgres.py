@@ -12,9 +12,8 @@ from sqlalchemy.engine import make_url
 import autoprune
 from autoprune.cli import main
 from autoprune.dashboard import StudySnapshot
-from autoprune.search import search
 from autoprune.storage import open_storage
-from test_search import SLOW, TINY, assert_resumed_with_nothing_lost, kill_mid_trial, tiny_settings
+from test_search import SLOW, TINY, assert_resumed_with_nothing_lost, kill_mid_trial, search, tiny_settings
 
 pytestmark = pytest.mark.slow
 
