@@ -456,7 +456,9 @@ class RacingStorage:
 
 def test_lost_race_is_refused(study: tuple[str, int]) -> None:
     url, study_id = study
-    lease = fast_lease(RacingStorage(open_storage(url)), study_id)  # type: ignore[arg-type]
+    # a settle long enough that a loaded machine's slow read-to-write does not make it start over
+    # (which would meet the rival on the first read instead, and refuse without racing)
+    lease = fast_lease(RacingStorage(open_storage(url)), study_id, settle=2.0)  # type: ignore[arg-type]
     with pytest.raises(LeaseHeld, match="pid 77 on host 'node-2'.*won a concurrent start"):
         lease.acquire()
     assert not lease.held
