@@ -67,6 +67,10 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
         assert trial.values == [attrs["accuracy"], attrs["throughput"]]
     assert any(t.user_attrs.get(WARM_START) for t in study.trials)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # budget-exact proposals: none over budget, and the count says so
+    assert result.infeasible == 0 and any(line.startswith("over budget 0/3 proposals") for line in lines), lines
+    budget = complete[0].user_attrs["flops"] / (1 + complete[0].constraints["flops"])
+    assert all(t.user_attrs["predicted_flops"] <= budget * (1 + 1e-9) for t in complete)
     assert any(line.startswith("[3/3]") and "left" in line for line in lines)
     assert any("Pareto front" in line for line in lines)
     # the same command again: nothing left to do, warm starts are not enqueued twice
@@ -78,6 +82,20 @@ def test_resuming_with_other_settings_is_refused(ray_session, workdir):
     search(tiny_settings(), trials=1, study_name="s", storage=storage_url(workdir), log=lambda line: None)
     with pytest.raises(SearchError, match=r"created with other settings.*budget: stored '75%', requested '80%'"):
         search(tiny_settings(budget="80%"), trials=2, study_name="s", storage=storage_url(workdir), log=lambda line: None)
+
+
+def test_a_study_searched_before_budget_exact_proposals_is_not_resumed(workdir):
+    """Its trials' params mean other things; resuming is refused, naming the difference."""
+    from autoprune.search.space import SearchSpace
+    from autoprune.study_attrs import SETTINGS_ATTR
+
+    record = tiny_settings().to_record(SearchSpace.from_file(tiny_settings().space))
+    del record["proposals"]
+    study = optuna.create_study(study_name="old", storage=storage_url(workdir), directions=["maximize", "maximize"])
+    study.set_user_attr(SETTINGS_ATTR, record)
+    with pytest.raises(SearchError, match="refusing to resume: proposals: not stored, requested 'budget-exact'"):
+        search(tiny_settings(), trials=1, study_name="old", storage=storage_url(workdir), log=lambda line: None)
+    assert not (workdir / "studies" / "baselines").exists()
 
 
 def test_a_study_left_without_settings_is_adopted_only_while_empty(ray_session, workdir):
@@ -307,15 +325,14 @@ def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
 
 def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_path):
     from autoprune.search.searcher import Progress, StudySearcher
-    from autoprune.search.space import SearchSpace
 
-    def flops_of(candidate):
+    def propose(trial):
         raise RuntimeError("CUDA out of memory while calibrating")
 
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     lines = []
-    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
-                             flops_of=flops_of, train_config=lambda candidate, number: {}, target=2,
+    searcher = StudySearcher(study, propose, budget=1e9, flops_of=lambda candidate: 1.0,
+                             train_config=lambda candidate, number: {}, target=2,
                              progress=Progress(total=2, done_before=0, write=lines.append))
     assert searcher.suggest("a") is None and searcher.suggest("b") is None
     assert searcher.suggest("c") == searcher.FINISHED  # two finished (failed) trials reach the target
@@ -324,15 +341,37 @@ def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_pa
     assert "FAILED: the proposal could not be built: RuntimeError" in lines[0]
 
 
+def test_the_safety_net_screens_out_a_proposal_over_budget_and_counts_it(tmp_path):
+    """Budget-exact proposals never trip it; a proposal step that did would be caught, counted
+    and recorded infeasible (PRUNED with a positive FLOPs constraint), never trained."""
+    from autoprune import PruneConfig
+    from autoprune.search.searcher import Progress, StudySearcher
+    from autoprune.search.space import Candidate
+
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    amounts = iter([4, 3, 1])
+    searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=next(amounts))),
+                             budget=2.5, flops_of=lambda candidate: candidate.prune.r, target=1,
+                             train_config=lambda candidate, number: {},
+                             progress=Progress(total=1, done_before=0, write=lambda line: None))
+    assert searcher.suggest("a")["prune_config"]["r"] == 1
+    assert (searcher.infeasible, searcher.proposed) == (2, 3)
+    over = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "infeasible"]
+    assert [t.user_attrs["prune_config"]["r"] for t in over] == [4, 3]
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints["flops"] > 0 for t in over)
+
+
 def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_settled_trial(tmp_path):
+    from autoprune import PruneConfig
     from autoprune.search.searcher import Progress, StudySearcher, recover_interrupted
-    from autoprune.search.space import SearchSpace
+    from autoprune.search.space import Candidate
 
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     held, lines = [True], []
-    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
-                             flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {}, target=3,
-                             progress=Progress(total=3, done_before=0, write=lines.append), leased=lambda: held[0])
+    searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=trial.suggest_int("r", 1, 4))),
+                             budget=1e9, flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {},
+                             target=3, progress=Progress(total=3, done_before=0, write=lines.append),
+                             leased=lambda: held[0])
     assert searcher.suggest("a")["trial_number"] == 0
     held[0] = False  # another search takes over and settles the running trial
     recover_interrupted(study)

@@ -8,7 +8,6 @@ of finished trials.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -20,12 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import torch
 
 from ..config import PruneConfig
 from ..data import SyntheticOptions, load_datasets, model_data_config
-from ..flops import count_flops, predict_flops
-from ..patch import apply
+from ..flops import predict_flops
 from ..presets import get_preset
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
@@ -33,9 +30,12 @@ from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, 
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import BudgetError, format_flops, parse_budget
+from .calibration import Calibration
+from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_flops
 from .searcher import Progress, StudySearcher, recover_interrupted
-from .space import Candidate, SearchSpace
+from .space import SearchSpace
 from .trainable import run_search_trial
+from .warm_start import enqueue_warm_starts
 
 
 class SearchError(ValueError):
@@ -69,6 +69,7 @@ class SearchSettings:
         """JSON-ready record stored with the study (the space by content, not by file name)."""
         record = dataclasses.asdict(self)
         record["space"] = space.data
+        record["proposals"] = PROPOSALS  # a study searched with other proposals is not resumed with these
         return record
 
 
@@ -164,19 +165,22 @@ def search(
 def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
            cpus_per_trial, gpus_per_trial, concurrency, retries, log, leased) -> SearchResult:
     """Recover, warm-start and run trials on an opened, leased study."""
-    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     recovered = recover_interrupted(study)
     if recovered:
         log(f"resuming: trials {recovered} were interrupted; marked FAIL and queued to run again")
-    calibration = _Calibration(baseline.model, datasets.val, settings.recipe.batch_size)
+    calibration = Calibration.from_dataset(baseline.model, datasets.val, settings.recipe.batch_size)
 
-    def flops_of(candidate: Candidate) -> float:
-        return calibration.flops(candidate.prune) if candidate.prune.adaptive else predict_flops(probe, candidate.prune)
+    def flops_of(prune: PruneConfig) -> float:
+        return calibration.flops(prune) if prune.adaptive else predict_flops(probe, prune)
 
+    proposer = _parse(lambda: Proposer(space, probe, budget_flops, flops_of), None, ProposalError)
+    if proposer.unreachable:
+        log("left out, their cheapest config is over the budget: " + ", ".join(
+            f"{' '.join(filter(None, option))} ({format_flops(cost)})" for option, cost in proposer.unreachable.items()))
     if not study.user_attrs.get(WARM_STARTED_ATTR):
-        enqueued = enqueue_warm_starts(study, space, probe, budget_flops, flops_of)
+        enqueued = enqueue_warm_starts(study, proposer)
         study.set_user_attr(WARM_STARTED_ATTR, True)
-        log(f"warm start: {', '.join(enqueued) or 'no hand-designed config fits the budget'}")
+        log(f"warm start (hand-designed configs solved to the budget): {', '.join(enqueued) or 'none in this space'}")
     done = finished_count(study)
     if done >= trials:
         log(f"the study already holds {done} finished trials")
@@ -188,15 +192,13 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
                 multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
                 n_startup_trials=min(10, max(4, trials // 4)))
         searcher = StudySearcher(
-            study, space, depth, patches, budget_flops, flops_of,
+            study, proposer.propose, budget_flops, lambda candidate: flops_of(candidate.prune),
             train_config=lambda c, number: dataclasses.replace(
                 settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
             target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased)
         _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
                  concurrency, retries)
-        if searcher.proposed:
-            log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
-                f"({searcher.infeasible / searcher.proposed:.0%})")
+        log(f"over budget {searcher.infeasible}/{searcher.proposed} proposals (screened out, never trained)")
         if searcher.exhausted:
             raise SearchError(searcher.exhausted)
     front = pareto_front(study)
@@ -221,112 +223,6 @@ def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -
     if not front:
         lines.append("  (no finished trial within budget yet)")
     return "\n".join(lines)
-
-
-# -- budget geometry ----------------------------------------------------------------------------------
-
-def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
-    """A lower bound on what the space can reach: each reducer at its most aggressive settings."""
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    floor = predict_flops(model)
-    for prune in _extremes(space, depth, patches):
-        floor = min(floor, predict_flops(model, prune))
-    return floor
-
-
-def _extremes(space: SearchSpace, depth: int, patches: int):
-    """Configs at the low end of every range (earliest layers, lowest keep rates, most r). A
-    mass-based SaiT config's cost depends on the images: it is bounded by keeping one patch token."""
-    for reducer in space.reducer_choices:
-        trial = _ExtremeTrial(reducer)
-        try:
-            prune = space.sample(trial, depth, patches).prune
-        except ValueError:
-            continue
-        if prune.adaptive:
-            prune = PruneConfig(reducer="sait", layers=prune.layers, keep_rate=1 / patches)
-        yield prune
-
-
-class _ExtremeTrial:
-    """Answers suggestions with the cheapest end of each range."""
-
-    CHEAP_HIGH = ("layers", "tome.r", "bat.pairs")  # more of these is cheaper
-
-    def __init__(self, reducer: str) -> None:
-        self.reducer = reducer
-
-    def suggest_float(self, name, low, high, log=False):
-        if name.startswith("ppt.r_") or name in self.CHEAP_HIGH:
-            return high
-        return low
-
-    def suggest_int(self, name, low, high):
-        return high if name in self.CHEAP_HIGH else low
-
-    def suggest_categorical(self, name, choices):
-        if name == "reducer":
-            return self.reducer
-        if name == "sait.mode":
-            return "value" if "value" in choices else choices[0]
-        if name == "evit.fuse":
-            return False if False in choices else choices[0]
-        return choices[0]
-
-
-def warm_start_candidates(model: torch.nn.Module, budget: float, flops_of: Callable[[Candidate], float]) -> dict[str, Candidate]:
-    """The hand-designed configs of the papers, scaled to the model, that fit the budget."""
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    # EViT's blocks 4/7/10 of 12 (indices 3, 6, 9) scaled to the depth
-    layers = tuple(sorted({min(depth - 1, round(depth * 0.25 * k)) for k in (1, 2, 3)}))
-    sait_layer = (min(depth - 1, round(depth * 0.25)),)
-    found: dict[str, Candidate] = {}
-
-    def first_fitting(name: str, options):
-        for label, cfg in options:
-            candidate = Candidate(cfg)
-            if flops_of(candidate) <= budget:
-                found[f"{name} {label}"] = candidate
-                return
-
-    rates = (0.9, 0.8, 0.7, 0.6, 0.5)
-    first_fitting("evit", [(f"{rate}", PruneConfig(reducer="evit", layers=layers, keep_rate=rate)) for rate in rates])
-    first_fitting("tome", [(f"r{r}", PruneConfig(reducer="tome", r=r)) for r in range(1, patches // 2 + 1)])
-    ppt_r = max(1, round(50 / 196 * patches))  # the paper's r = 50 of 196 patches
-    first_fitting("ppt", [(f"r{r}", PruneConfig(reducer="ppt", layers=layers, r=r, tau=7e-5 * 196 ** 2, tau_mode="cv2"))
-                          for r in range(ppt_r, patches // 2 + 1)])
-    first_fitting("tps", [(f"{rate}", PruneConfig(reducer="tps", layers=layers, keep_rate=rate)) for rate in rates])
-    first_fitting("sait", [(f"M{mass}", PruneConfig(reducer="sait", layers=sait_layer, mass_threshold=mass))
-                           for mass in (0.9, 0.8, 0.7, 0.6, 0.5)])
-    return found
-
-
-def enqueue_warm_starts(study: optuna.Study, space: SearchSpace, model: torch.nn.Module, budget: float,
-                        flops_of: Callable[[Candidate], float]) -> list[str]:
-    depth, patches = len(model.blocks), model.patch_embed.num_patches
-    enqueued = []
-    for name, candidate in warm_start_candidates(model, budget, flops_of).items():
-        params = space.params_for(candidate, depth, patches)
-        if params is not None:
-            study.enqueue_trial(params, user_attrs={WARM_START: name}, skip_if_exists=True)
-            enqueued.append(name)
-    return enqueued
-
-
-class _Calibration:
-    """FLOPs of adaptive configs, measured on a batch of val images with the trained baseline."""
-
-    def __init__(self, model: torch.nn.Module, dataset, count: int) -> None:
-        self.model = copy.deepcopy(model).eval()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=min(count, len(dataset)))
-        self.images = next(iter(loader))[0].to(next(model.parameters()).device)
-        self.cache: dict[str, float] = {}
-
-    def flops(self, cfg: PruneConfig) -> float:
-        key = cfg.to_json()
-        if key not in self.cache:
-            self.cache[key] = count_flops(apply(self.model, cfg), self.images)
-        return self.cache[key]
 
 
 # -- Ray -------------------------------------------------------------------------------------------
