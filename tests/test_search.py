@@ -398,6 +398,12 @@ def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     assert floor < predict_flops(model, last_layer_few_tokens) < predict_flops(model)
 
 
+def test_an_unknown_sampler_is_refused_up_front(workdir):
+    with pytest.raises(SearchError, match=r"sampler: 'grid' is invalid; accepted: tpe, random"):
+        search(tiny_settings(sampler="grid"), trials=1, storage=storage_url(workdir), log=lambda line: None)
+    assert not (workdir / "studies.db").exists()
+
+
 def test_a_cuda_search_without_gpus_per_trial_is_refused_up_front(workdir):
     with pytest.raises(SearchError, match=r"gpus_per_trial: 0 is invalid for device 'cuda'"):
         search(tiny_settings(device="cuda"), trials=1, storage=storage_url(workdir), gpus_per_trial=0,

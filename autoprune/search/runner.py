@@ -38,6 +38,9 @@ from .trainable import run_search_trial
 from .warm_start import enqueue_warm_starts
 
 
+SAMPLERS = ("tpe", "random")
+
+
 class SearchError(ValueError):
     """Bad input to a search, found before anything runs; the CLI exits 2 with its message."""
 
@@ -57,6 +60,7 @@ class SearchSettings:
     seed: int = 0
     early_stopping: bool = False
     device: str = "cpu"
+    sampler: str = "tpe"  # how proposals are sampled: tpe, or random (a baseline for comparisons)
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -110,6 +114,8 @@ def search(
     if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
         raise SearchError(f"gpus_per_trial: {gpus_per_trial!r} is invalid for device {settings.device!r}; accepted: "
                           "a number > 0 on CUDA (fractions share a GPU), 0 on the CPU")
+    if settings.sampler not in SAMPLERS:
+        raise SearchError(f"sampler: {settings.sampler!r} is invalid; accepted: {', '.join(SAMPLERS)}")
     if not isinstance(settings.seed, int) or not 0 <= settings.seed <= MAX_SEED:
         raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {MAX_SEED}")
     study_name = study_name or default_study_name(settings)
@@ -188,9 +194,10 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # seeded by the study's size: a resumed search does not replay its first proposals
-            study.sampler = optuna.samplers.TPESampler(
-                multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
-                n_startup_trials=min(10, max(4, trials // 4)))
+            seed = (settings.seed + len(study.trials)) % (MAX_SEED + 1)
+            study.sampler = optuna.samplers.RandomSampler(seed=seed) if settings.sampler == "random" else \
+                optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                           n_startup_trials=min(10, max(4, trials // 4)))
         searcher = StudySearcher(
             study, proposer.propose, budget_flops, lambda candidate: flops_of(candidate.prune),
             train_config=lambda c, number: dataclasses.replace(
