@@ -160,11 +160,11 @@ distill: {kind: [none, logits, tis], beta: [0.1, 2.0]}
 
 def test_a_space_file_from_before_budget_exact_proposals_keeps_working(tmp_path):
     """Its ranges of keep rates and r bound the solved values; it searches constant schedules and
-    budget shares of 0.5 to 1."""
+    budget shares of 0.6 to 1."""
     path = tmp_path / "old.yaml"
     path.write_text(OLD_DEFAULT)
     space = SearchSpace.from_file(str(path))
-    assert space.specs["schedule"] == Fixed(0.0) and space.specs["budget_share"] == Range(0.5, 1.0)
+    assert space.specs["schedule"] == Fixed(0.0) and space.specs["budget_share"] == Range(0.6, 1.0)
     proposer = proposer_for("quick", 0.6, space)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(40):

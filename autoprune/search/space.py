@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
+from ..config import REDUCERS, TAU_MODES, PruneConfig
 
 DISTILL_CHOICES = ("none", "logits", "features", "tis")
 BUILT_IN = Path(__file__).resolve().parents[2] / "search_spaces"
@@ -124,7 +124,7 @@ _DEFAULTS = {  # what a file may leave out
     ("tps", "temperature"): Fixed(1.0), ("sait", "mode"): Fixed("mass"),
     ("distill", "kind"): Fixed("none"), ("distill", "beta"): Fixed(0.0),
     # files written before budget-exact proposals: constant schedules, budget shares as the default space's
-    "schedule": Fixed(0.0), "budget_share": Range(0.5, 1.0),
+    "schedule": Fixed(0.0), "budget_share": Range(0.6, 1.0),
 }
 _REQUIRED = {"keep_rate": ("evit", "tps", "bat"), ("tome", "r"): ("tome",), ("ppt", "r"): ("ppt",),
              ("bat", "clusters"): ("bat",), ("bat", "knn"): ("bat",), ("bat", "pairs"): ("bat",)}
