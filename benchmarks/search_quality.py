@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=float, default=None, help="per trial (default: the preset's)")
-    parser.add_argument("--arms", nargs="+", default=["random", "tpe", "legacy", "pipeline"])
+    parser.add_argument("--arms", nargs="*", default=["random", "tpe", "legacy", "pipeline"],
+                        help="none: only the off-the-shelf spread (--spread)")
     parser.add_argument("--synthetic", default="", help="SyntheticOptions changes, e.g. num_classes=20,val_size=5000")
     parser.add_argument("--spread", type=int, default=0, help="off-the-shelf proposals per budget (0: skip)")
     parser.add_argument("--out", default="benchmarks/search_quality.md")
@@ -105,7 +106,7 @@ def main() -> None:
         lines += spread_section(base, baseline, datasets, args.budgets, args.spread)
     storage_dir = ROOT / "studies" / "search_quality"
     storage_dir.mkdir(parents=True, exist_ok=True)
-    for budget in args.budgets:
+    for budget in args.budgets if args.arms else ():
         rows = []
         for seed in args.seeds:
             settings = dataclasses.replace(base, budget=budget, seed=seed)

@@ -75,12 +75,12 @@ def solve(family: Family, cost: Cost, target: float, resolution: float = 1e-7) -
 
 
 def _short_decimal(family: Family, cost: Cost, scale: float, scale_cost: float) -> float:
-    """The shortest decimal at or above `scale` with the same cost: every s of one step gives the
+    """The shortest decimal (rounding `scale` up) with the same cost: every s of one step gives the
     same token counts, so the config can read 0.7 instead of 0.6953125."""
     for decimals in range(1, _DECIMALS + 1):
         factor = 10 ** decimals
         candidate = math.ceil(scale * factor - 1e-9) / factor
-        if scale <= candidate <= family.high and cost(family.build(candidate)) == scale_cost:
+        if candidate <= family.high and cost(family.build(candidate)) == scale_cost:
             return candidate
     return scale
 
