@@ -119,10 +119,12 @@ def test_report_writes_tables_markdown_and_a_self_contained_page(built):
     assert "checkpoint missing" in page
     assert "test top-1" in page and "78.50%" in page
     assert "Parameter importance" in page
+    assert "Proposals over budget: 1 of 8" in page  # kept visible: 0 with budget-exact proposals
 
     md = (out / "report.md").read_text()
     assert "evit 0.6" in md and "Best warm start: evit 0.6" in md
     assert "| 3 | sait |" in md and "test top-1" in md
+    assert "Proposals over budget: 1 of 8" in md
     # the report read a snapshot: the storage holds the same single study, untouched
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 8

@@ -72,6 +72,10 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
         assert trial.values == [attrs["accuracy"], attrs["throughput"]]
     assert any(t.user_attrs.get(WARM_START) for t in study.trials)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    # budget-exact proposals: none over budget, and the count says so
+    assert result.infeasible == 0 and any(line.startswith("over budget 0/3 proposals") for line in lines), lines
+    budget = complete[0].user_attrs["flops"] / (1 + complete[0].constraints["flops"])
+    assert all(t.user_attrs["predicted_flops"] <= budget * (1 + 1e-9) for t in complete)
     assert any(line.startswith("[3/3]") and "left" in line for line in lines)
     assert any("Pareto front" in line for line in lines)
     # the same command again: nothing left to do, warm starts are not enqueued twice
@@ -83,6 +87,20 @@ def test_resuming_with_other_settings_is_refused(ray_session, workdir):
     search(tiny_settings(), trials=1, study_name="s", storage=storage_url(workdir), log=lambda line: None)
     with pytest.raises(SearchError, match=r"created with other settings.*budget: stored '75%', requested '80%'"):
         search(tiny_settings(budget="80%"), trials=2, study_name="s", storage=storage_url(workdir), log=lambda line: None)
+
+
+def test_a_study_searched_before_budget_exact_proposals_is_not_resumed(workdir):
+    """Its trials' params mean other things; resuming is refused, naming the difference."""
+    from autoprune.search.space import SearchSpace
+    from autoprune.study_attrs import SETTINGS_ATTR
+
+    record = tiny_settings().to_record(SearchSpace.from_file(tiny_settings().space))
+    del record["proposals"]
+    study = optuna.create_study(study_name="old", storage=storage_url(workdir), directions=["maximize", "maximize"])
+    study.set_user_attr(SETTINGS_ATTR, record)
+    with pytest.raises(SearchError, match="refusing to resume: proposals: not stored, requested 'budget-exact'"):
+        search(tiny_settings(), trials=1, study_name="old", storage=storage_url(workdir), log=lambda line: None)
+    assert not (workdir / "studies" / "baselines").exists()
 
 
 def test_a_study_left_without_settings_is_adopted_only_while_empty(ray_session, workdir):
@@ -310,15 +328,14 @@ def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
 
 def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_path):
     from autoprune.search.searcher import Progress, StudySearcher
-    from autoprune.search.space import SearchSpace
 
-    def flops_of(candidate):
+    def propose(trial):
         raise RuntimeError("CUDA out of memory while calibrating")
 
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     lines = []
-    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
-                             flops_of=flops_of, train_config=lambda candidate, number: {}, target=2,
+    searcher = StudySearcher(study, propose, budget=1e9, flops_of=lambda candidate: 1.0,
+                             train_config=lambda candidate, number: {}, target=2,
                              progress=Progress(total=2, done_before=0, write=lines.append))
     assert searcher.suggest("a") is None and searcher.suggest("b") is None
     assert searcher.suggest("c") == searcher.FINISHED  # two finished (failed) trials reach the target
@@ -327,15 +344,37 @@ def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_pa
     assert "FAILED: the proposal could not be built: RuntimeError" in lines[0]
 
 
+def test_the_safety_net_screens_out_a_proposal_over_budget_and_counts_it(tmp_path):
+    """Budget-exact proposals never trip it; a proposal step that did would be caught, counted
+    and recorded infeasible (PRUNED with a positive FLOPs constraint), never trained."""
+    from autoprune import PruneConfig
+    from autoprune.search.searcher import Progress, StudySearcher
+    from autoprune.search.space import Candidate
+
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    amounts = iter([4, 3, 1])
+    searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=next(amounts))),
+                             budget=2.5, flops_of=lambda candidate: candidate.prune.r, target=1,
+                             train_config=lambda candidate, number: {},
+                             progress=Progress(total=1, done_before=0, write=lambda line: None))
+    assert searcher.suggest("a")["prune_config"]["r"] == 1
+    assert (searcher.infeasible, searcher.proposed) == (2, 3)
+    over = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "infeasible"]
+    assert [t.user_attrs["prune_config"]["r"] for t in over] == [4, 3]
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.constraints["flops"] > 0 for t in over)
+
+
 def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_settled_trial(tmp_path):
+    from autoprune import PruneConfig
     from autoprune.search.searcher import Progress, StudySearcher, recover_interrupted
-    from autoprune.search.space import SearchSpace
+    from autoprune.search.space import Candidate
 
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     held, lines = [True], []
-    searcher = StudySearcher(study, SearchSpace.from_file("default"), depth=4, patches=16, budget=1e9,
-                             flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {}, target=3,
-                             progress=Progress(total=3, done_before=0, write=lines.append), leased=lambda: held[0])
+    searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=trial.suggest_int("r", 1, 4))),
+                             budget=1e9, flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {},
+                             target=3, progress=Progress(total=3, done_before=0, write=lines.append),
+                             leased=lambda: held[0])
     assert searcher.suggest("a")["trial_number"] == 0
     held[0] = False  # another search takes over and settles the running trial
     recover_interrupted(study)
@@ -349,7 +388,7 @@ def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_set
 def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     """A space of mass-based SaiT alone must not be told that nothing below dense fits."""
     from autoprune import PruneConfig, predict_flops
-    from autoprune.search.warm_start import cheapest_flops
+    from autoprune.search.proposals import cheapest_flops
     from autoprune.search.space import SearchSpace
     from autoprune.trial import create_unweighted
 
@@ -360,6 +399,12 @@ def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     # the earliest SaiT layer the space allows, keeping a single patch token: below any mass config
     last_layer_few_tokens = PruneConfig(reducer="sait", layers=(len(model.blocks) - 1,), keep_rate=0.1)
     assert floor < predict_flops(model, last_layer_few_tokens) < predict_flops(model)
+
+
+def test_an_unknown_sampler_is_refused_up_front(workdir):
+    with pytest.raises(SearchError, match=r"sampler: 'grid' is invalid; accepted: tpe, random"):
+        search(tiny_settings(sampler="grid"), trials=1, storage=storage_url(workdir), log=lambda line: None)
+    assert not (workdir / "studies.db").exists()
 
 
 def test_a_cuda_search_without_gpus_per_trial_is_refused_up_front(workdir):
@@ -444,13 +489,17 @@ def test_the_teacher_is_part_of_the_study_settings(workdir):
 
 
 def test_the_spaces_reach_the_papers_distillation_settings():
-    from autoprune import PruneConfig
+    from autoprune import PruneConfig, predict_flops
+    from autoprune.search.proposals import Proposer
     from autoprune.search.space import Candidate, SearchSpace
+    from autoprune.trial import create_unweighted
 
     for name in ("default", "sait"):
         assert SearchSpace.from_file(name).specs[("distill", "beta")].high >= 4  # SaiT distils with beta 4
     space = SearchSpace.from_dict({"reducers": ["evit"], "keep_rate": [0.5, 0.9],
                                    "distill": {"kind": ["none", "features", "features_cls", "tis"], "beta": [0.5, 4.0]}})
     assert space.distill_kinds() == ("features", "features_cls")  # tis applies to sait only
+    model = create_unweighted(TINY.name, TINY.kwargs)
+    proposer = Proposer(space, model, predict_flops(model), lambda cfg: predict_flops(model, cfg))
     candidate = Candidate(PruneConfig(reducer="evit", layers=(1,), keep_rate=0.7), distill="features_cls", beta=4.0)
-    assert space.params_for(candidate, depth=4, patches=16) is not None  # the mode is searched
+    assert proposer.params_for(candidate, share=1.0) is not None  # the mode is searched

@@ -34,16 +34,21 @@ def sait_mass(tokens: Tokens, scores: Tensor, mass: float) -> Tokens:
     Counts differ per image, so the batch is padded to its largest count: kept tokens come first
     in descending score order and `valid` marks them; later blocks mask the padding as keys, so
     each image's output equals its output when run alone."""
-    n = tokens.count
     if mass >= 1:
         return tokens
     ranked, order = scores.sort(dim=1, descending=True)
-    prefix_share = (1 - scores.sum(dim=1, keepdim=True)).clamp_min(0)
-    kept_mass = prefix_share + ranked.cumsum(dim=1)
-    counts = ((kept_mass < mass).sum(dim=1) + 1).clamp(max=n)
+    counts = mass_counts(ranked, mass)
     longest = int(counts.max())
     kept = concat(prefix_of(tokens), take(tokens, order[:, :longest]))
     slots = torch.arange(longest, device=scores.device)
     valid_body = slots.unsqueeze(0) < counts.unsqueeze(1)
     prefix_valid = valid_body.new_ones(valid_body.shape[0], tokens.prefix)
     return kept.replace(valid=torch.cat([prefix_valid, valid_body], dim=1))
+
+
+def mass_counts(ranked: Tensor, mass: float) -> Tensor:
+    """Per image, how many of its non-prefix scores (sorted in descending order; shares of all
+    tokens' importance) bring the kept share, the prefix tokens' share included, to `mass`."""
+    prefix_share = (1 - ranked.sum(dim=1, keepdim=True)).clamp_min(0)
+    kept_mass = prefix_share + ranked.cumsum(dim=1)
+    return ((kept_mass < mass).sum(dim=1) + 1).clamp(max=ranked.shape[1])

@@ -191,6 +191,14 @@ def warm_start_gain(ctx: Context) -> str:
     return text
 
 
+def over_budget_line(ctx: Context) -> str:
+    """How many proposals the budget check screened out: 0 with budget-exact proposals."""
+    proposals = [r for r in ctx.rows if r.predicted_flops is not None]
+    over = sum(r.outcome == "infeasible" for r in proposals)
+    return (f"Proposals over budget: {over} of {len(proposals)} (each proposal's FLOPs are predicted before "
+            "training; one over budget is screened out, never trained).")
+
+
 def _outcome_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
     meaning = {
         "complete": "trained and measured", "stopped": "stopped early by ASHA (not on the front)",

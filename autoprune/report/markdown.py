@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .context import (Context, _failure_table, _front_table, _outcome_table, _settings_items, _status_note,
-                      _warm_start_table, warm_start_gain)
+                      _warm_start_table, over_budget_line, warm_start_gain)
 
 
 def _md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -40,7 +40,7 @@ def render_markdown(ctx: Context) -> str:
     if body:
         out += [_md_table(headers, body), ""]
     out += [warm_start_gain(ctx), "", "## Outcomes", "", _md_table(*_outcome_table(ctx)) if ctx.rows else "No trials.",
-            ""]
+            "", over_budget_line(ctx), ""]
     failures = _failure_table(ctx)
     if failures[1]:
         out += ["## Failures", "", _md_table(*failures), ""]

@@ -12,7 +12,7 @@ import optuna
 
 from ..study import OUTCOME_ORDER
 from .context import (Context, _failure_table, _fmt, _front_table, _outcome_table, _settings_items, _status_note,
-                      _warm_start_table, warm_start_gain)
+                      _warm_start_table, over_budget_line, warm_start_gain)
 from .maps import token_maps
 from .plots import hypervolume_plot, importance_plot, param_importances, tradeoff_plot
 from .rows import _number
@@ -187,6 +187,7 @@ def render_html(ctx: Context, study: optuna.Study, maps: int) -> tuple[str, int]
     sections.append(("maps", "Token-reduction maps", body))
 
     body = _html_table(*_outcome_table(ctx)) if ctx.rows else "<p>No trials yet.</p>"
+    body += f"<p>{esc(over_budget_line(ctx))}</p>"
     failures = _failure_table(ctx)
     if failures[1]:
         body += "<h3>Failure reasons (latest)</h3>" + _html_table(*failures)

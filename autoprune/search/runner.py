@@ -8,7 +8,6 @@ of finished trials.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -20,13 +19,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
-import torch
 
 from ..config import PruneConfig
 from ..data import DataSpec, SyntheticOptions, load_datasets, model_data_config, parse_data_spec
 from ..distill import DistillationError, check_teacher
-from ..flops import count_flops, predict_flops
-from ..patch import apply
+from ..flops import predict_flops
 from ..presets import get_preset, recipes_for
 from ..progress import LiveProgress
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
@@ -37,10 +34,14 @@ from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .baseline_gate import baseline_refusal
 from .budget import BudgetError, format_flops, parse_budget
+from .calibration import Calibration
+from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_flops
 from .searcher import Progress, StudySearcher, recover_interrupted
-from .space import Candidate, SearchSpace
+from .space import SearchSpace
 from .trainable import run_search_trial
-from .warm_start import cheapest_flops, enqueue_warm_starts
+from .warm_start import enqueue_warm_starts
+
+SAMPLERS = ("tpe", "random")
 
 
 class SearchError(ValueError):
@@ -63,6 +64,7 @@ class SearchSettings:
     early_stopping: bool = False
     device: str = "cpu"
     teacher: TeacherSpec | None = None  # distil from this model instead of the dense baseline
+    sampler: str = "tpe"  # how proposals are sampled: tpe, or random (a baseline for comparisons)
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -83,6 +85,7 @@ class SearchSettings:
         del record["teacher"]
         if self.teacher is not None:
             record["teacher"] = self.teacher.identity()
+        record["proposals"] = PROPOSALS  # a study searched with other proposals is not resumed with these
         return record
 
 
@@ -131,6 +134,8 @@ def search(
     if gpus_per_trial < 0 or (settings.device.startswith("cuda") and gpus_per_trial == 0):
         raise SearchError(f"gpus_per_trial: {gpus_per_trial!r} is invalid for device {settings.device!r}; accepted: "
                           "a number > 0 on CUDA (fractions share a GPU), 0 on the CPU")
+    if settings.sampler not in SAMPLERS:
+        raise SearchError(f"sampler: {settings.sampler!r} is invalid; accepted: {', '.join(SAMPLERS)}")
     if not isinstance(settings.seed, int) or not 0 <= settings.seed <= MAX_SEED:
         raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {MAX_SEED}")
     study_name = study_name or default_study_name(settings)
@@ -201,19 +206,22 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
            cpus_per_trial, gpus_per_trial, concurrency, retries, running, leased) -> SearchResult:
     """Recover, warm-start and run trials on an opened, leased study."""
     log = running.write
-    depth, patches = len(probe.blocks), probe.patch_embed.num_patches
     recovered = recover_interrupted(study)
     if recovered:
         log(f"resuming: trials {recovered} were interrupted; marked FAIL and queued to run again")
-    calibration = _Calibration(baseline.model, datasets.val, settings.recipe.batch_size)
+    calibration = Calibration.from_dataset(baseline.model, datasets.val, settings.recipe.batch_size)
 
-    def flops_of(candidate: Candidate) -> float:
-        return calibration.flops(candidate.prune) if candidate.prune.adaptive else predict_flops(probe, candidate.prune)
+    def flops_of(prune: PruneConfig) -> float:
+        return calibration.flops(prune) if prune.adaptive else predict_flops(probe, prune)
 
+    proposer = _parse(lambda: Proposer(space, probe, budget_flops, flops_of), None, ProposalError)
+    if proposer.unreachable:
+        log("left out, their cheapest config is over the budget: " + ", ".join(
+            f"{' '.join(filter(None, option))} ({format_flops(cost)})" for option, cost in proposer.unreachable.items()))
     if not study.user_attrs.get(WARM_STARTED_ATTR):
-        enqueued = enqueue_warm_starts(study, space, probe, budget_flops, flops_of)
+        enqueued = enqueue_warm_starts(study, proposer)
         study.set_user_attr(WARM_STARTED_ATTR, True)
-        log(f"warm start: {', '.join(enqueued) or 'no hand-designed config fits the budget'}")
+        log(f"warm start (hand-designed configs solved to the budget): {', '.join(enqueued) or 'none in this space'}")
     done = finished_count(study)
     if done >= trials:
         log(f"the study already holds {done} finished trials")
@@ -221,19 +229,18 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # seeded by the study's size: a resumed search does not replay its first proposals
-            study.sampler = optuna.samplers.TPESampler(
-                multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
-                n_startup_trials=min(10, max(4, trials // 4)))
+            seed = (settings.seed + len(study.trials)) % (MAX_SEED + 1)
+            study.sampler = optuna.samplers.RandomSampler(seed=seed) if settings.sampler == "random" else \
+                optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                           n_startup_trials=min(10, max(4, trials // 4)))
         searcher = StudySearcher(
-            study, space, depth, patches, budget_flops, flops_of,
+            study, proposer.propose, budget_flops, lambda candidate: flops_of(candidate.prune),
             train_config=lambda c, number: dataclasses.replace(
                 settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
             target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased)
         _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
                  concurrency, retries)
-        if searcher.proposed:
-            log(f"proposals over budget (not trained): {searcher.infeasible}/{searcher.proposed} "
-                f"({searcher.infeasible / searcher.proposed:.0%})")
+        log(f"over budget {searcher.infeasible}/{searcher.proposed} proposals (screened out, never trained)")
         if searcher.exhausted:
             raise SearchError(searcher.exhausted)
     front = pareto_front(study)
@@ -258,22 +265,6 @@ def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -
     if not front:
         lines.append("  (no finished trial within budget yet)")
     return "\n".join(lines)
-
-
-class _Calibration:
-    """FLOPs of adaptive configs, measured on a batch of val images with the trained baseline."""
-
-    def __init__(self, model: torch.nn.Module, dataset, count: int) -> None:
-        self.model = copy.deepcopy(model).eval()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=min(count, len(dataset)))
-        self.images = next(iter(loader))[0].to(next(model.parameters()).device)
-        self.cache: dict[str, float] = {}
-
-    def flops(self, cfg: PruneConfig) -> float:
-        key = cfg.to_json()
-        if key not in self.cache:
-            self.cache[key] = count_flops(apply(self.model, cfg), self.images)
-        return self.cache[key]
 
 
 # -- Ray -------------------------------------------------------------------------------------------

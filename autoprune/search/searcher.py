@@ -21,7 +21,7 @@ from ..progress import LiveProgress, format_duration
 from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
 from ..train import TrainConfig
-from .space import Candidate, SearchSpace
+from .space import Candidate
 from .trainable import FAILED, FINAL
 
 
@@ -89,15 +89,14 @@ class Progress:
 
 
 class StudySearcher(Searcher):
-    """Proposes candidates from `space` through `study`, screening them against the budget with
-    `flops_of` (no training for a config over budget), and records every outcome."""
+    """Proposes candidates through `study` with `propose` (budget-exact: `Proposer.propose`), checks
+    each against the budget with `flops_of` as a safety net (a config over budget is never
+    trained, and counted), and records every outcome."""
 
     def __init__(
         self,
         study: optuna.Study,
-        space: SearchSpace,
-        depth: int,
-        patches: int,
+        propose: Callable[[optuna.Trial], Candidate],
         budget: float,
         flops_of: Callable[[Candidate], float],
         train_config: Callable[[Candidate, int], dict[str, Any]],
@@ -108,8 +107,7 @@ class StudySearcher(Searcher):
     ) -> None:
         # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
         super().__init__(metric=None, mode=None)
-        self.study, self.space = study, space
-        self.depth, self.patches, self.budget = depth, patches, budget
+        self.study, self.propose, self.budget = study, propose, budget
         self.flops_of, self.train_config = flops_of, train_config
         self.target, self.progress, self.max_proposals = target, progress, max_proposals
         self.leased = leased
@@ -134,7 +132,7 @@ class StudySearcher(Searcher):
         for _ in range(self.max_proposals):
             trial = self._next_trial()
             try:
-                candidate = self.space.sample(trial, self.depth, self.patches)
+                candidate = self.propose(trial)
                 flops = self.flops_of(candidate)
                 train_config = self.train_config(candidate, trial.number)
             except Exception as error:  # a proposal that cannot be built ends FAIL; the search goes on

@@ -1,10 +1,11 @@
 """Search spaces: YAML files describing which reducers and parameter ranges a search may try.
 
-A space samples define-by-run from an Optuna trial into a `Candidate` (a `PruneConfig` plus the
-distillation and training settings it is fine-tuned with). Layer positions and token counts are
-relative to the model (fractions of depth and of the patch count), so one file fits any depth.
-Reducer-specific parameters are sampled only for their reducer. `params_for` inverts sampling,
-so hand-designed configs can be enqueued as trials of the same space.
+A space is what a proposal may choose: the reducer, where it acts (layer count, first layer,
+spacing, as fractions of depth), the shape of its schedule, the share of the budget it spends,
+reducer-specific settings and training settings. The amount of reduction (keep rate, r, mass
+threshold) is not chosen but solved to the budget (`proposals.py`): its range here bounds the
+solved value. Layer positions and token counts are relative to the model (fractions of depth and
+of the patch count), so one file fits any depth.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
+from ..config import REDUCERS, TAU_MODES, PruneConfig
 from ..distill import DISTILL_KINDS
 
 DISTILL_CHOICES = ("none",) + DISTILL_KINDS
@@ -112,13 +113,19 @@ _KINDS: dict[str, dict[str, _Kind]] = {
                 "beta": _Kind("float", lambda v: v >= 0, "numbers >= 0")},
     "train": {"lr": _Kind("float", lambda v: v > 0, "positive numbers", log=True)},
 }
-_TOP_KEYS = ("reducers", "keep_rate") + tuple(_KINDS)
-_KEEP_RATE = _Kind("float", _between(0, 1, True), "numbers in (0, 1]")
+_TOP_LEVEL = {  # keys with a value of their own (the others are sections)
+    "keep_rate": _Kind("float", _between(0, 1, True), "numbers in (0, 1]"),
+    "budget_share": _Kind("float", _between(0, 1, True), "fractions of the budget in (0, 1]"),
+    "schedule": _Kind("float", _between(-1, 1), "shapes in [-1, 1] (-1 front-loaded, 0 constant, 1 back-loaded)"),
+}
+_TOP_KEYS = ("reducers",) + tuple(_TOP_LEVEL) + tuple(_KINDS)
 _DEFAULTS = {  # what a file may leave out
     ("layers", "count"): Fixed(1), ("layers", "first"): Fixed(0.25), ("layers", "spacing"): Fixed(0.25),
     ("evit", "fuse"): Fixed(True), ("ppt", "tau"): Fixed(7e-5), ("ppt", "tau_mode"): Fixed("var"),
     ("tps", "temperature"): Fixed(1.0), ("sait", "mode"): Fixed("mass"),
     ("distill", "kind"): Fixed("none"), ("distill", "beta"): Fixed(0.0),
+    # files written before budget-exact proposals: constant schedules, budget shares as the default space's
+    "schedule": Fixed(0.0), "budget_share": Range(0.6, 1.0),
 }
 _REQUIRED = {"keep_rate": ("evit", "tps", "bat"), ("tome", "r"): ("tome",), ("ppt", "r"): ("ppt",),
              ("bat", "clusters"): ("bat",), ("bat", "knn"): ("bat",), ("bat", "pairs"): ("bat",)}
@@ -190,8 +197,11 @@ class SearchSpace:
         reducers = _parse_spec(data.get("reducers", list(REDUCERS[1:])),
                                _Kind(None, lambda v: v in REDUCERS[1:], ", ".join(REDUCERS[1:])), f"{source}: reducers")
         specs: dict = {}
-        if "keep_rate" in data:
-            specs["keep_rate"] = _parse_spec(data["keep_rate"], _KEEP_RATE, f"{source}: keep_rate")
+        for key, kind in _TOP_LEVEL.items():
+            if key in data:
+                specs[key] = _parse_spec(data[key], kind, f"{source}: {key}")
+            elif key in _DEFAULTS:
+                specs[key] = _DEFAULTS[key]
         for section, kinds in _KINDS.items():
             entries = data.get(section, {}) or {}
             if not isinstance(entries, dict):
@@ -226,93 +236,6 @@ class SearchSpace:
         declared = _values(self.specs[("distill", "kind")])
         return tuple(k for k in declared if k != "none" and (k != "tis" or "sait" in self.reducer_choices))
 
-    # -- sampling -------------------------------------------------------------------------------
-
-    def sample(self, trial, depth: int, patches: int) -> Candidate:
-        """Sample a candidate for a model of `depth` blocks and `patches` patch tokens."""
-        spec = self.specs
-        reducer = self.reducers.suggest(trial, "reducer")
-        layers = None
-        if reducer != "tome":
-            count = 1 if reducer == "sait" else spec[("layers", "count")].suggest(trial, "layers")
-            first = spec[("layers", "first")].suggest(trial, "first_layer")
-            spacing = spec[("layers", "spacing")].suggest(trial, "layer_spacing") if count > 1 else 0.0
-            positions = [min(depth - 1, max(0, round(depth * (first + i * spacing)))) for i in range(count)]
-            layers = tuple(sorted(set(positions)))
-        args: dict[str, Any] = {"reducer": reducer, "layers": layers}
-        if reducer == "tome":
-            args["r"] = max(1, round(spec[("tome", "r")].suggest(trial, "tome.r") * patches))
-        elif reducer == "ppt":
-            args["r"] = tuple(max(1, round(spec[("ppt", "r")].suggest(trial, f"ppt.r_{i}") * patches))
-                              for i in range(len(layers)))
-            args["tau"] = spec[("ppt", "tau")].suggest(trial, "ppt.tau")
-            args["tau_mode"] = spec[("ppt", "tau_mode")].suggest(trial, "ppt.tau_mode")
-        elif reducer == "sait" and spec[("sait", "mode")].suggest(trial, "sait.mode") == "mass":
-            args["mass_threshold"] = spec[("sait", "mass_threshold")].suggest(trial, "sait.mass_threshold")
-        else:
-            args["keep_rate"] = tuple(spec["keep_rate"].suggest(trial, f"keep_rate_{i}") for i in range(len(layers)))
-        if reducer == "evit":
-            args["fuse"] = spec[("evit", "fuse")].suggest(trial, "evit.fuse")
-        if reducer == "tps":
-            args["temperature"] = spec[("tps", "temperature")].suggest(trial, "tps.temperature")
-        if reducer == "bat":
-            for key in ("clusters", "knn", "pairs"):
-                args[key] = spec[("bat", key)].suggest(trial, f"bat.{key}")
-        prune = PruneConfig(**{k: _collapse(v) if k != "layers" else v for k, v in args.items()
-                               if not (k == "layers" and v is None)})
-        distill, beta = self._sample_distill(trial, reducer)
-        lr_spec = spec.get(("train", "lr"))
-        lr = lr_spec.suggest(trial, "lr") if lr_spec is not None else None
-        return Candidate(prune=prune, distill=distill, beta=beta, lr=lr)
-
-    def _sample_distill(self, trial, reducer: str) -> tuple[str, float]:
-        """Distillation kind (tis only applies to sait) and weight beta."""
-        declared = _values(self.specs[("distill", "kind")])
-        kinds = [k for k in declared if k != "tis" or reducer == "sait"] or ["none"]
-        name = "sait.distill" if reducer == "sait" else "distill"
-        kind = kinds[0] if len(kinds) == 1 else trial.suggest_categorical(name, kinds)
-        if kind == "none":
-            return "none", 0.0
-        return kind, self.specs[("distill", "beta")].suggest(trial, "beta")
-
-    # -- inverse --------------------------------------------------------------------------------
-
-    def params_for(self, candidate: Candidate, depth: int, patches: int) -> dict[str, Any] | None:
-        """Trial params that make `sample` produce `candidate`, or None if the space cannot."""
-        cfg = candidate.prune
-        params: dict[str, Any] = {"reducer": cfg.reducer}
-        layers = cfg.layers or ()
-        if cfg.reducer != "tome" and layers:
-            params["layers"] = len(layers)
-            params["first_layer"] = layers[0] / depth
-            if len(layers) > 1:
-                params["layer_spacing"] = (layers[1] - layers[0]) / depth
-        if cfg.reducer == "tome" and cfg.r is not None and not isinstance(cfg.r, tuple):
-            params["tome.r"] = cfg.r / patches
-        for i, r in enumerate(_per_layer(cfg.r, len(layers)) if cfg.reducer == "ppt" else ()):
-            params[f"ppt.r_{i}"] = r / patches
-        for i, rate in enumerate(_per_layer(cfg.keep_rate, len(layers)) if cfg.keep_rate is not None else ()):
-            params[f"keep_rate_{i}"] = rate
-        for name in ("tau", "tau_mode", "temperature", "clusters", "knn", "pairs", "fuse", "mass_threshold"):
-            value = getattr(cfg, name)
-            if value is not None:
-                params[f"{cfg.reducer}.{name}"] = value
-        if cfg.reducer == "sait":
-            params["sait.mode"] = "mass" if cfg.adaptive else "value"
-        params["sait.distill" if cfg.reducer == "sait" else "distill"] = candidate.distill
-        if candidate.distill != "none":
-            params["beta"] = candidate.beta
-        if candidate.lr is not None:
-            params["lr"] = candidate.lr
-        replay = _Replay(params)
-        try:
-            sampled = self.sample(replay, depth, patches)
-        except (_NotExpressible, ConfigError):
-            return None
-        if sampled != candidate:
-            return None
-        return replay.used
-
 
 def _values(spec: Spec) -> tuple:
     if isinstance(spec, Fixed):
@@ -320,48 +243,3 @@ def _values(spec: Spec) -> tuple:
     if isinstance(spec, Choice):
         return spec.values
     raise TypeError(spec)
-
-
-def _collapse(value):
-    """One value per layer, written as a scalar when all layers share it."""
-    return value[0] if isinstance(value, tuple) and len(set(value)) == 1 else value
-
-
-def _per_layer(value, count: int) -> tuple:
-    return value if isinstance(value, tuple) else (value,) * count
-
-
-class _NotExpressible(Exception):
-    pass
-
-
-class _Replay:
-    """Answers `suggest_*` calls from fixed params, refusing values outside the distribution."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-        self.used: dict[str, Any] = {}
-
-    def _get(self, name: str):
-        if name not in self.params:
-            raise _NotExpressible(name)
-        self.used[name] = self.params[name]
-        return self.params[name]
-
-    def suggest_float(self, name, low, high, log=False):
-        value = self._get(name)
-        if not low - 1e-12 <= value <= high + 1e-12:
-            raise _NotExpressible(name)
-        return float(value)
-
-    def suggest_int(self, name, low, high):
-        value = self._get(name)
-        if not low <= value <= high:
-            raise _NotExpressible(name)
-        return int(value)
-
-    def suggest_categorical(self, name, choices):
-        value = self._get(name)
-        if value not in choices:
-            raise _NotExpressible(name)
-        return value
