@@ -14,7 +14,8 @@ from .parsing import UsageError, parse_yaml, parse_model_kwargs
 
 SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes or underscores
     "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
-    "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "early_stopping",
+    "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "screen",
+    "screen_images", "halving", "early_stopping",
 }
 
 
@@ -68,9 +69,14 @@ def _checked(options: dict) -> dict:
     number("gpus_per_trial", float, lambda v: v >= 0, "a number >= 0 (fractions share a GPU)")
     number("epochs", float, lambda v: v > 0, "a positive number (fractions allowed)")
     number("seed", int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
-    for name in ("pretrained", "early_stopping"):
-        if options[name] is not None and not isinstance(options[name], bool):
-            raise UsageError(f"--config: {name}: {options[name]!r} is invalid; accepted: true or false")
+    number("screen", int, lambda v: v >= 0, "an integer >= 0 (0: no screening)")
+    number("screen_images", int, lambda v: v >= 1, "an integer >= 1")
+    number("halving", int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2")
+    if options["early_stopping"]:  # `early_stopping: false` in an older config file is harmless
+        raise UsageError("--early-stopping: ASHA early stopping was replaced by successive halving with Pareto "
+                         "promotion; accepted: --halving ETA (e.g. --halving 3)")
+    if options["pretrained"] is not None and not isinstance(options["pretrained"], bool):
+        raise UsageError(f"--config: pretrained: {options['pretrained']!r} is invalid; accepted: true or false")
     for name in ("budget", "preset", "model", "checkpoint", "data", "space", "study", "storage", "address"):
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
@@ -117,13 +123,15 @@ def cmd_search(args: argparse.Namespace) -> None:
     recipe = settings.recipe
     if options["epochs"] is not None:
         recipe = dataclasses.replace(recipe, epochs=options["epochs"])
-    changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
-    settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu",
-                                   early_stopping=bool(options["early_stopping"]), **changes)
+    changes = {key: options[key] for key in ("data", "space", "seed", "screen", "screen_images", "halving")
+               if options[key] is not None}
+    settings = dataclasses.replace(settings, model=model, recipe=recipe, device="cuda" if gpus > 0 else "cpu", **changes)
+    screening = (f"screen {settings.screen} configs on {settings.screen_images} val images" if settings.screen
+                 else "no screening")
     print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
           f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
-          f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, "
-          f"early stopping {'on' if settings.early_stopping else 'off'}")
+          f"{recipe.epochs} epoch(s) per trial, seed {settings.seed}, device {settings.device}, {screening}, "
+          f"successive halving {f'eta {settings.halving}' if settings.halving else 'off'}")
     try:
         result = search(settings, trials=options["trials"], study_name=options["study"], storage=options["storage"],
                         address=options["address"], cpus_per_trial=options["cpus_per_trial"], gpus_per_trial=gpus,
@@ -156,7 +164,8 @@ def register(commands) -> None:
     search.add_argument("--data", help="synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH (default: synthetic)")
     search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
                         "(default, evit_tome, sait; default: default)")
-    search.add_argument("--trials", type=int, help="finished trials to reach (default: 32)")
+    search.add_argument("--trials", type=int, help="fine-tunes to finish at full fidelity (default: 32); failed "
+                        "ones count, trials stopped at a lower successive-halving rung and screens do not")
     search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed (default: the preset's)")
     search.add_argument("--seed", type=int, help="seed of the sampler and of training (default: 0)")
     search.add_argument("--study", help="study name (default: MODEL-BUDGET)")
@@ -166,6 +175,16 @@ def register(commands) -> None:
     search.add_argument("--cpus-per-trial", type=int, help="default: all CPUs / concurrency")
     search.add_argument("--concurrency", type=int, help="trials at once (default: 1; "
                         "throughput is only meaningful when a trial has its device to itself)")
-    search.add_argument("--early-stopping", action="store_true", default=None,
-                        help="stop poor trials early (ASHA on accuracy); they end PRUNED")
+    search.add_argument("--screen", type=int, metavar="N",
+                        help="before any fine-tuning, evaluate N configs off the shelf (the dense baseline's weights, "
+                             "no training) and fine-tune the best of them; 0: no screening (default: the preset's, "
+                             "64 for quickstart, about a minute on 2 cores)")
+    search.add_argument("--screen-images", type=int, metavar="K",
+                        help="validation images each screen evaluates: a fixed sample, seeded by --seed "
+                             "(default: the preset's, 256 for quickstart)")
+    search.add_argument("--halving", type=int, metavar="ETA",
+                        help="successive halving on fine-tuning epochs: at rungs of E/ETA^k epochs a trial goes on "
+                             "only if in the best 1/ETA by Pareto rank (accuracy, FLOPs) of the trials there; "
+                             "stopped ones end PRUNED and never reach the front; 0: off (default: 0)")
+    search.add_argument("--early-stopping", action="store_true", default=None, help=argparse.SUPPRESS)
     search.set_defaults(run=cmd_search)

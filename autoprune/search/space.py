@@ -19,6 +19,7 @@ import yaml
 from ..config import REDUCERS, TAU_MODES, ConfigError, PruneConfig
 
 DISTILL_CHOICES = ("none", "logits", "features", "tis")
+TRAINING_ONLY = ("distill", "sait.distill", "beta", "lr")  # params that change fine-tuning, not the model
 BUILT_IN = Path(__file__).resolve().parents[2] / "search_spaces"
 
 
