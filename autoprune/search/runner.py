@@ -35,9 +35,9 @@ from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .budget import BudgetError, format_flops, parse_budget
 from .execution import ray_session, run_trials, screen_pool, worker_context, worker_resources
-from .halving import HalvingScheduler, SuccessiveHalving, rung_epochs
+from .halving import HalvingScheduler, rung_epochs
 from .screen import promotion_slots, screen_and_promote, screen_tau
-from .searcher import Progress, StudySearcher, recover_interrupted
+from .searcher import fine_tuning_searcher, recover_interrupted
 from .space import Candidate, SearchSpace
 from .summary import format_front, format_stages
 
@@ -210,7 +210,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
                     log, leased)
                 if screening is not None and screening.stopped:
                     raise SearchError(f"screening stopped: {screening.stopped}")
-            searcher = _searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased)
+            searcher = fine_tuning_searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased)
             scheduler = HalvingScheduler(searcher.halving.rungs, searcher.at_rung) if searcher.halving else None
             run_trials(searcher, context, resources, concurrency, retries, scheduler, home)
         if searcher.exhausted:
@@ -223,24 +223,6 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     log(f"study {study_name!r} lives in {shown_url(storage)}")
     infeasible = infeasible_count(study)
     return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
-
-
-def _searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased) -> StudySearcher:
-    """The fine-tuning searcher, its TPE sampler seeded by the study's size (a resumed search does
-    not replay its first proposals). It learns from fine-tuned trials only: screens stay in their
-    own study, as off-the-shelf accuracy is not on the scale of fine-tuned accuracy; what the
-    screen knows reaches it through the promoted configs, which it sees fine-tuned."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.sampler = optuna.samplers.TPESampler(
-            multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
-            n_startup_trials=min(10, max(4, trials // 4)))
-    return StudySearcher(
-        study, propose, budget_flops, flops_of,
-        train_config=lambda c, number: dataclasses.replace(
-            settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-        target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased,
-        halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None)
 
 
 # -- budget geometry ----------------------------------------------------------------------------------

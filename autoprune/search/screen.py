@@ -107,6 +107,9 @@ def screen_and_promote(
     earlier run already promoted. `open_pool()` is a context manager giving the workers."""
     if PROMOTED_ATTR in study.user_attrs:
         return None
+    if slots == 0:  # a later search with more --trials screens then
+        log("screening skipped: the warm starts take every fine-tune --trials allows")
+        return None
     screen = screen_study(study)
     recovered = recover_interrupted(screen)
     if recovered:
@@ -135,6 +138,7 @@ class ScreenRun:
     proposed: int = 0       # proposals this pass
     infeasible: int = 0     # of which over budget (never screened)
     screened_here: int = 0  # finished screens this pass
+    logged: float = 0.0     # when progress was last written
     stopped: str | None = None  # why screening stopped before its target, if it did
     seconds: float = 0.0
     started: float = field(default_factory=time.perf_counter)
@@ -223,7 +227,11 @@ def _record(screen: optuna.Study, trial: optuna.Trial, flops: float, budget: flo
 
 
 def _progress(screen: optuna.Study, run: ScreenRun, target: int, log: Callable[[str], None]) -> None:
-    elapsed = time.perf_counter() - run.started
+    """A line every few seconds, and at the end."""
+    now = time.perf_counter()
+    if now - run.logged < 5 and run.screened < target:
+        return
+    run.logged, elapsed = now, now - run.started
     left = elapsed / max(1, run.screened_here) * max(0, target - run.screened)
     best = best_screen(screen)
     best_text = (f"best {best.values[0]:.2f}% at {best.user_attrs['speedup']:.2f}x (screen {best.number})"

@@ -7,8 +7,10 @@ proposal, its outcome and its measurements live there, so a killed search resume
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +21,7 @@ from ray.tune.search import Searcher
 from ..config import PruneConfig
 from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, RUNG, SCREEN_ACCURACY, SCREEN_TRIAL, WARM_START
+from ..train import MAX_SEED
 from .halving import SuccessiveHalving
 from .space import Candidate
 from .trainable import FAILED, FINAL
@@ -251,3 +254,22 @@ def _always_leased() -> bool:
 def _label(trial) -> str:
     """A trial's config as a short label for progress lines."""
     return PruneConfig.from_dict(trial.user_attrs["prune_config"]).describe()
+
+
+def fine_tuning_searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased) -> StudySearcher:
+    """The searcher of a search's fine-tuning stage (`settings` a `SearchSettings`), its TPE sampler
+    seeded by the study's size (a resumed search does not replay its first proposals). The sampler
+    learns from fine-tuned trials only: screens stay in their own study, as off-the-shelf accuracy
+    is not on the scale of fine-tuned accuracy; what the screen knows reaches it through the
+    promoted configs, which it sees fine-tuned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.TPESampler(
+            multivariate=True, group=True, constant_liar=True, seed=(settings.seed + len(study.trials)) % (MAX_SEED + 1),
+            n_startup_trials=min(10, max(4, trials // 4)))
+    return StudySearcher(
+        study, propose, budget_flops, flops_of,
+        train_config=lambda c, number: dataclasses.replace(
+            settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
+        target=trials, progress=Progress(total=trials, done_before=done, write=log), leased=leased,
+        halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None)
