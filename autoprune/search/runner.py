@@ -203,6 +203,8 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             home = (Path("studies") / study_name).resolve()
             context = worker_context(settings, baseline, home / "checkpoints" / study.user_attrs[UID_ATTR], resources)
             if settings.screen:
+                if settings.screen_images > len(datasets.val):
+                    log(f"screening on all {len(datasets.val)} val images (fewer than --screen-images {settings.screen_images})")
                 warm = sum(bool(t.user_attrs.get(WARM_START)) for t in study.get_trials(deepcopy=False))
                 screening = screen_and_promote(
                     study, settings.screen, promotion_slots(trials, warm), settings.seed, propose, flops_of,
