@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from autoprune.config import PruneConfig
 from autoprune.search.halving import SuccessiveHalving, rung_epochs, survives
 from autoprune.search.pareto import crowding_distance, dominates, kendall_tau, non_dominated_fronts, pareto_order
-from autoprune.search.screen import (MIN_PAIRS, ProxyCheck, choose_promoted, promote, run_screening, screen_study,
+from autoprune.search.screen import (MIN_PAIRS, ProxyCheck, ScreenError, choose_promoted, promote, run_screening, screen_study,
                                      screen_tau)
 from autoprune.search.searcher import recover_interrupted
 from autoprune.search.space import Candidate
@@ -203,7 +203,7 @@ def test_a_screen_study_left_by_another_study_of_the_same_name_is_refused():
     other.set_user_attr(UID_ATTR, "two")
     optuna.create_study(storage=storage, study_name="t:screen", directions=["maximize", "maximize"]).set_user_attr(
         "autoprune:screen_of", "one")
-    with pytest.raises(ValueError, match="holds the screens of another study"):
+    with pytest.raises(ScreenError, match="holds the screens of another study"):
         screen_study(other)
     assert screen_study(first).study_name == "s:screen"
 

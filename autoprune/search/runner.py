@@ -36,7 +36,7 @@ from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, den
 from .budget import BudgetError, format_flops, parse_budget
 from .execution import ray_session, run_trials, screen_pool, worker_context, worker_resources
 from .halving import HalvingScheduler, rung_epochs
-from .screen import promotion_slots, screen_and_promote, screen_tau
+from .screen import ScreenError, promotion_slots, screen_and_promote, screen_study, screen_tau
 from .searcher import fine_tuning_searcher, recover_interrupted
 from .space import Candidate, SearchSpace
 from .summary import format_front, format_stages
@@ -157,6 +157,8 @@ def search(
             study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
         if UID_ATTR not in study.user_attrs:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
+        if settings.screen:
+            _parse(lambda: screen_study(study), None, ScreenError)
         try:
             baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
                                       settings.synthetic, device=settings.device, log=log)

@@ -27,8 +27,8 @@ from typing import Any, Callable, Protocol
 import optuna
 from optuna.trial import TrialState
 
-from ..study import OUTCOME_STATES, finished_count, within_budget
-from ..study_attrs import (OUTCOME, PROMOTED_ATTR, SCREEN_ACCURACY, SCREEN_OF_ATTR, SCREEN_SUFFIX, SCREEN_TRIAL, UID_ATTR,
+from ..study import finished_count, within_budget
+from ..study_attrs import (PROMOTED_ATTR, SCREEN_ACCURACY, SCREEN_OF_ATTR, SCREEN_SUFFIX, SCREEN_TRIAL, UID_ATTR,
                            WARM_START, WARM_STARTED_ATTR)
 from .pareto import kendall_tau, pareto_order
 from .searcher import end_trial, failure_text, format_duration, next_trial, record_infeasible, recover_interrupted
@@ -42,6 +42,10 @@ PROMOTED_SHARE = 0.5     # of the fine-tunes left after the warm starts; the sam
 REDUCER_QUOTA = 0.5      # no reducer takes more than this share of the promoted slots
 RELIABLE_TAU, MIN_PAIRS = 0.3, 8
 THROUGHPUT_NOTE = "screen throughput = FLOPs ratio x the dense baseline's measured throughput (an estimate)"
+
+
+class ScreenError(ValueError):
+    """A screen study that belongs to another study: the search refuses it before anything runs."""
 
 
 class Pool(Protocol):
@@ -66,7 +70,7 @@ def screen_study(study: optuna.Study) -> optuna.Study:
             screen.set_metric_names(list(SCREEN_OBJECTIVES))
         screen.set_user_attr(SCREEN_OF_ATTR, study.user_attrs[UID_ATTR])
     elif owner != study.user_attrs[UID_ATTR]:
-        raise ValueError(f"study {name!r} holds the screens of another study named {study.study_name!r} "
+        raise ScreenError(f"study {name!r} holds the screens of another study named {study.study_name!r} "
                          "(made before this one); choose another --study name")
     return screen
 
@@ -305,14 +309,18 @@ class ProxyCheck:
         return self.tau is not None and self.pairs >= MIN_PAIRS and self.tau >= RELIABLE_TAU
 
     def verdict(self) -> str:
-        if self.pairs < MIN_PAIRS or self.tau is None:
+        if self.pairs < MIN_PAIRS:
             shown = "" if self.tau is None else f"Kendall tau {self.tau:.2f} over "
             return (f"{shown}{self.pairs} fine-tuned trial(s) with a screen score: too few to judge the screen "
                     f"(needs {MIN_PAIRS})")
+        if self.tau is None:
+            return (f"{self.pairs} fine-tuned trials with a screen score, but the screen scores or the fine-tuned "
+                    "accuracies are all equal: nothing to rank, so the screen cannot be judged")
         text = f"Kendall tau {self.tau:.2f} between screen and fine-tuned top-1 over {self.pairs} trials"
         if self.reliable:
-            return text + ": the screen ranks configs as fine-tuning does (tau >= 0.3)"
-        return text + f": too weak to rely on (tau < {RELIABLE_TAU}); promotion by the screen was little better than chance"
+            return text + f": the screen ranks configs as fine-tuning does (tau >= {RELIABLE_TAU})"
+        return (text + f": too weak to rely on (tau < {RELIABLE_TAU}); here the screen's ranking says little "
+                "about accuracy after fine-tuning")
 
     def to_dict(self) -> dict[str, Any]:
         return {"tau": self.tau, "pairs": self.pairs, "reliable": self.reliable}
@@ -324,9 +332,3 @@ def screen_tau(study: optuna.Study) -> ProxyCheck:
              if isinstance(t.user_attrs.get(SCREEN_ACCURACY), (int, float))]
     return ProxyCheck(kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) >= 2 else None,
                       len(pairs))
-
-
-def count_outcomes(study: optuna.Study) -> Counter:
-    """Finished screens by outcome (complete, failed, infeasible)."""
-    return Counter(t.user_attrs.get(OUTCOME) for t in study.get_trials(deepcopy=False)
-                   if t.state in set(OUTCOME_STATES.values()))
