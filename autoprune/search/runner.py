@@ -207,9 +207,9 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
             if settings.screen:
                 if settings.screen_images > len(datasets.val):
                     log(f"screening on all {len(datasets.val)} val images (fewer than --screen-images {settings.screen_images})")
-                warm = sum(bool(t.user_attrs.get(WARM_START)) for t in study.get_trials(deepcopy=False))
+                warm = {t.user_attrs[WARM_START] for t in study.get_trials(deepcopy=False) if WARM_START in t.user_attrs}
                 screening = screen_and_promote(
-                    study, settings.screen, promotion_slots(trials, warm), settings.seed, propose, flops_of,
+                    study, settings.screen, promotion_slots(trials, len(warm)), settings.seed, propose, flops_of,
                     budget_flops, baseline.metrics, warm_start, lambda: screen_pool(context, resources, concurrency),
                     log, leased)
                 if screening is not None and screening.stopped:
