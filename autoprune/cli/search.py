@@ -173,15 +173,15 @@ def register(commands) -> None:
     search.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
     search.add_argument("--gpus-per-trial", type=float, help="default: 1 when CUDA is available, else 0")
     search.add_argument("--cpus-per-trial", type=int, help="default: all CPUs / concurrency")
-    search.add_argument("--concurrency", type=int, help="trials at once (default: 1; "
+    search.add_argument("--concurrency", type=int, help="trials (and screening workers) at once (default: 1; "
                         "throughput is only meaningful when a trial has its device to itself)")
     search.add_argument("--screen", type=int, metavar="N",
                         help="before any fine-tuning, evaluate N configs off the shelf (the dense baseline's weights, "
-                             "no training) and fine-tune the best of them; 0: no screening (default: the preset's, "
-                             "64 for quickstart, about a minute on 2 cores)")
+                             "no training) and fine-tune the best of them; 0: no screening (default: the preset's: "
+                             "64 for quickstart, about a minute on 2 cores; 256 for deit_small)")
     search.add_argument("--screen-images", type=int, metavar="K",
                         help="validation images each screen evaluates: a fixed sample, seeded by --seed "
-                             "(default: the preset's, 256 for quickstart)")
+                             "(default: the preset's: 256 for quickstart, 2048 for deit_small)")
     search.add_argument("--halving", type=int, metavar="ETA",
                         help="successive halving on fine-tuning epochs: at rungs of E/ETA^k epochs a trial goes on "
                              "only if in the best 1/ETA by Pareto rank (accuracy, FLOPs) of the trials there; "
