@@ -50,6 +50,8 @@ class Preset:
     baseline: TrainConfig = field(default_factory=TrainConfig)
     trial: TrainConfig = field(default_factory=TrainConfig)
     device: str = "cpu"
+    screen: int = 64           # configs screened off the shelf before fine-tuning (0: no screening)
+    screen_images: int = 256   # validation images each screen evaluates
 
 
 PRESETS: dict[str, Preset] = {
@@ -60,6 +62,7 @@ PRESETS: dict[str, Preset] = {
         synthetic=SyntheticOptions(),
         baseline=TrainConfig(epochs=10, batch_size=64, lr=1e-3, warmup=0.1, workers=0),
         trial=TrainConfig(epochs=2, batch_size=64, lr=2e-4, warmup=0.1, workers=0),
+        screen=64, screen_images=256,  # about a minute on 2 cores
     ),
     "deit_small": Preset(
         model=ModelSpec("deit_small_patch16_224", {}, init="pretrained"),
@@ -67,6 +70,7 @@ PRESETS: dict[str, Preset] = {
         baseline=FINE_TUNE.baseline,
         trial=TrainConfig(epochs=5, batch_size=256, lr=5e-5, warmup=0.1, keep_rate_warmup=0.3),
         device="cuda",
+        screen=256, screen_images=2048,  # a few minutes of one GPU, against ~5 epochs per fine-tune
     ),
 }
 

@@ -88,6 +88,18 @@ def _check_sqlite_file(path: Path, shown: str) -> None:
     if header != SQLITE_MAGIC:
         raise StorageError(f"{not_study} (it is not an SQLite file); accepted: {ACCEPTED_FILE}")
 
+    if Path(f"{path}-journal").exists():
+        # a writer killed mid-transaction (a search killed with -9) left a hot journal, which a
+        # read-only connection cannot roll back; an ordinary one rolls it back on its first read,
+        # restoring the last committed state, as every SQLite client does
+        recovery = sqlite3.connect(str(path), timeout=SQLITE_TIMEOUT)
+        try:
+            recovery.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        except sqlite3.DatabaseError as error:
+            raise StorageError(f"{not_study} (SQLite cannot read it: {_first_line(error)}); "
+                               f"accepted: {ACCEPTED_FILE}") from None
+        finally:
+            recovery.close()
     # read-only connection: inspecting must not create journals, tables or anything else
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     engine = sqlalchemy.create_engine(

@@ -15,10 +15,12 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .storage import open_storage, shown_url
-from .study_attrs import OUTCOME, SETTINGS_ATTR
+from .study_attrs import OUTCOME, SCREEN_SUFFIX, SETTINGS_ATTR
 
 OBJECTIVES = ("accuracy", "throughput")  # both maximised, in this order
-FINISHED_OUTCOMES = ("complete", "failed", "stopped")
+# what `--trials` counts: fine-tunes that ran to their end (a trial successive halving stopped at
+# a lower rung did not; a failure counts, so that a space whose trials all fail still ends)
+FINISHED_OUTCOMES = ("complete", "failed")
 # every outcome a report lists, in the order it lists them
 OUTCOME_ORDER = ("complete", "stopped", "failed", "infeasible", "interrupted", "running", "queued")
 
@@ -53,7 +55,7 @@ def within_budget(trial: FrozenTrial) -> bool:
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that trained to an end (complete, failed or early-stopped)."""
+    """Trials that trained to their end (complete or failed)."""
     return sum(outcome_of(t) in FINISHED_OUTCOMES for t in study.get_trials(deepcopy=False))
 
 
@@ -87,6 +89,8 @@ def study_rows(storage_url: str) -> list[dict[str, Any]]:
     storage = open_storage(storage_url)
     rows = []
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name.endswith(SCREEN_SUFFIX):  # a study's screens are part of that study
+            continue
         study = optuna.load_study(study_name=summary.study_name, storage=storage)
         settings = study.user_attrs.get(SETTINGS_ATTR, {})
         best = best_feasible(study) if len(study.directions) == 2 else None

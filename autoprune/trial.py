@@ -23,6 +23,7 @@ import torch
 from filelock import FileLock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from . import __version__
 from .bench import time_interleaved
@@ -273,6 +274,20 @@ def run_trial(
         dense_accuracy=baseline.metrics["val"]["top1"], dense_mode_accuracy=dense_mode,
         history=[dataclasses.asdict(h) for h in history], seconds=time.perf_counter() - started,
     )
+
+
+def screen_subset(dataset, count: int, seed: int) -> TensorDataset:
+    """A fixed, seeded sample of `count` images of `dataset` (all of it when smaller), loaded once:
+    every config of a study is screened on the same images, so their scores compare pairwise."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count].sort().values
+    images, labels = zip(*(dataset[int(i)] for i in order))
+    return TensorDataset(torch.stack(images), torch.as_tensor(labels))
+
+
+def screen_config(model: nn.Module, prune_config: PruneConfig, subset: TensorDataset, batch_size: int) -> dict[str, float]:
+    """Top-1 (%) and mean loss of `model` reduced by `prune_config` as it is, without training
+    ("off the shelf"). The model is patched in place; its weights are not touched."""
+    return evaluate(apply(model, prune_config), subset, batch_size, workers=0)
 
 
 def _sample_images(dataset, count: int, device: torch.device) -> torch.Tensor:

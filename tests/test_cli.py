@@ -89,7 +89,13 @@ def test_search_flags_override_the_config_even_when_they_equal_the_default(tmp_p
     ("cpus_per_trial: 0", "--cpus-per-trial: 0 is invalid; accepted: a positive integer"),
     ("gpus_per_trial: -1", "--gpus-per-trial: -1 is invalid; accepted: a number >= 0"),
     ("epochs: 0", "--epochs: 0 is invalid; accepted: a positive number"),
-    ("early_stopping: 'no'", "early_stopping: 'no' is invalid; accepted: true or false"),
+    ("pretrained: 'no'", "pretrained: 'no' is invalid; accepted: true or false"),
+    ("early_stopping: true", "--early-stopping: ASHA early stopping was replaced by successive halving"),
+    ("screen: -1", "--screen: -1 is invalid; accepted: an integer >= 0 (0: no screening)"),
+    ("screen: 2.5", "--screen: 2.5 is invalid"),
+    ("screen_images: 0", "--screen-images: 0 is invalid; accepted: an integer >= 1"),
+    ("halving: 1", "--halving: 1 is invalid; accepted: 0 (off) or an integer >= 2"),
+    ("halving: x", "--halving: 'x' is invalid"),
     ("data: [synthetic]", "data: ['synthetic'] is invalid; accepted: a single value"),
 ])
 def test_search_options_from_a_config_are_checked(tmp_path, capsys, line, message):
@@ -104,3 +110,10 @@ def test_search_options_from_a_config_are_checked(tmp_path, capsys, line, messag
 def test_search_flags_are_checked_like_the_config(capsys):
     assert main(["search", "--budget", "60%", "--seed", "-1"]) == 2
     assert "--seed: -1 is invalid" in capsys.readouterr().err
+    for flags, message in ((["--screen", "-3"], "--screen: -3 is invalid"),
+                           (["--screen-images", "0"], "--screen-images: 0 is invalid"),
+                           (["--halving", "1"], "--halving: 1 is invalid"),
+                           (["--early-stopping"], "--early-stopping: ASHA early stopping was replaced")):
+        assert main(["search", "--budget", "60%", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1

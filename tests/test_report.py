@@ -230,3 +230,32 @@ def test_cli_search_ends_by_writing_the_report(built, tmp_path, monkeypatch, cap
     assert main(["search", "--preset", "quickstart", "--budget", "75%"]) == 0
     assert (tmp_path / "studies" / "s" / "report.html").is_file()
     assert capsys.readouterr().out.strip().endswith("report: " + str(Path("studies") / "s" / "report.html"))
+
+
+def test_report_says_what_screening_and_successive_halving_did(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = new_study(storage, "staged")
+    study.set_user_attr("autoprune:promoted", [0, 1])
+    budget, cfg = 1e9, autoprune.PruneConfig
+    for number, (screened, tuned) in enumerate(((40.0, 80.0), (50.0, 82.0), (30.0, 79.0))):
+        add(study, budget, values=[tuned, 1000.0 + number], config=cfg(reducer="tome", r=number + 1), flops=0.5e9,
+            screen_accuracy=screened)
+    add(study, budget, state=TrialState.PRUNED, config=cfg(reducer="tome", r=9), autoprune__outcome="stopped",
+        autoprune__rung=1, predicted_flops=0.4e9,
+        autoprune__reason="stopped by successive halving at the epoch-1 rung (accuracy 40.00%): not in the best 1/3")
+    screen = optuna.create_study(storage=storage, study_name="staged:screen", directions=["maximize", "maximize"])
+    for outcome in ("complete", "complete", "failed", "infeasible"):
+        state = {"complete": TrialState.COMPLETE, "failed": TrialState.FAIL, "infeasible": TrialState.PRUNED}[outcome]
+        screen.add_trial(create_trial(state=state, values=[50.0, 900.0] if outcome == "complete" else None,
+                                      user_attrs={OUTCOME: outcome}))
+    path = write_report(storage, "staged", out_dir=tmp_path / "out")
+    md = (path.parent / "report.md").read_text()
+    assert "## Screening and successive halving" in md
+    assert "Screened 3 configs off the shelf" in md and "(1 failed, 1 proposals over budget); 2 promoted" in md
+    assert "Kendall tau 1.00 over 3 fine-tuned trial(s)" in md and "too few to judge the screen" in md
+    assert "Successive halving stopped 1 at epoch 1" in md
+    assert "Screening and successive halving" in path.read_text()
+    trials = pd.read_csv(path.parent / "trials.csv")
+    assert list(trials["screen_accuracy"][:3]) == [40.0, 50.0, 30.0] and trials["rung"][3] == 1
+    assert main(["studies", "--storage", storage]) == 0
+    assert "staged:screen" not in capsys.readouterr().out  # a study's screens are part of it

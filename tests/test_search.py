@@ -18,7 +18,8 @@ from autoprune.cli import main
 from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings
 from autoprune.search import search as _search
-from autoprune.study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
+from autoprune.study_attrs import (OUTCOME, PROMOTED_ATTR, REASON, RETRY_OF, RUNG, RUNG_ACCURACY, SCREEN_ACCURACY,
+                                   SCREEN_TAU_ATTR, SCREEN_TRIAL, WARM_START)
 from autoprune.storage import StudyLease, open_storage
 from autoprune.train import TrainConfig
 from autoprune.trial import ModelSpec
@@ -34,7 +35,7 @@ search = functools.partial(_search, min_baseline_accuracy=0)
 
 def tiny_settings(**changes) -> SearchSettings:
     base = SearchSettings(budget="75%", model=TINY, synthetic=SYNTHETIC, recipe=RECIPE, baseline_recipe=RECIPE,
-                          space=str(ROOT / "search_spaces" / "default.yaml"))
+                          space=str(ROOT / "search_spaces" / "default.yaml"), screen=0)
     return dataclasses.replace(base, **changes)
 
 
@@ -137,14 +138,13 @@ def test_failing_trials_end_fail_with_their_reason_and_the_study_goes_on(ray_ses
     assert all(t.state == optuna.trial.TrialState.FAIL and "loss became nan" in t.user_attrs[REASON] for t in failed)
 
 
-def test_failing_trials_under_early_stopping_do_not_stop_the_search(ray_session, workdir):
-    """A failure report carries no accuracy; the ASHA scheduler must not abort the run over it."""
+def test_failing_trials_under_successive_halving_do_not_stop_the_search(ray_session, workdir):
+    """A failure report carries no accuracy; the halving scheduler must not abort the run over it."""
     space = workdir / "explode.yaml"
     space.write_text("reducers: [tome]\ntome: {r: [0.1, 0.2]}\ntrain: {lr: [1.0e+6, 1.0e+7]}\n")
-    settings = tiny_settings(space=str(space), recipe=TrainConfig(epochs=2, batch_size=16, workers=0),
-                             early_stopping=True)
-    result = search(settings, trials=2, study_name="nan-asha", storage=storage_url(workdir), log=lambda line: None)
-    study = optuna.load_study(study_name="nan-asha", storage=storage_url(workdir))
+    settings = tiny_settings(space=str(space), recipe=TrainConfig(epochs=2, batch_size=16, workers=0), halving=2)
+    result = search(settings, trials=2, study_name="nan-sh", storage=storage_url(workdir), log=lambda line: None)
+    study = optuna.load_study(study_name="nan-sh", storage=storage_url(workdir))
     failed = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "failed"]
     assert result.finished == len(failed) == 2
     assert all(t.state == optuna.trial.TrialState.FAIL and "loss became nan" in t.user_attrs[REASON] for t in failed)
@@ -162,75 +162,230 @@ def test_an_exception_inside_a_trial_is_recorded(ray_session, workdir):
     assert all(t.state == optuna.trial.TrialState.FAIL and "NotADirectoryError" in t.user_attrs[REASON] for t in failed)
 
 
-def test_early_stopped_trials_end_pruned_never_complete(ray_session, workdir):
-    settings = tiny_settings(recipe=TrainConfig(epochs=4, batch_size=16, workers=0), early_stopping=True)
-    search(settings, trials=6, study_name="asha", storage=storage_url(workdir), log=lambda line: None)
-    study = optuna.load_study(study_name="asha", storage=storage_url(workdir))
+@pytest.mark.slow
+def test_successive_halving_records_rungs_and_counts_full_fidelity_trials_only(ray_session, workdir):
+    settings = tiny_settings(recipe=TrainConfig(epochs=2, batch_size=16, workers=0), halving=2)
+    lines = []
+    result = search(settings, trials=3, study_name="sh", storage=storage_url(workdir), log=lines.append)
+    study = optuna.load_study(study_name="sh", storage=storage_url(workdir))
     stopped = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "stopped"]
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert stopped, "ASHA should stop some of six trials"
-    assert all(t.state == optuna.trial.TrialState.PRUNED and "stopped early after epoch" in t.user_attrs[REASON]
-               for t in stopped)
-    assert all(t.user_attrs.get(OUTCOME) == "complete" and t.user_attrs["checkpoint_path"] for t in complete)
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs[RUNG] == 1 for t in stopped)
+    assert all(t.user_attrs[RUNG_ACCURACY].keys() == {"1"} for t in stopped + complete)
+    finished = [t for t in study.trials if t.user_attrs.get(OUTCOME) in ("complete", "failed")]
+    assert result.finished == len(finished) == 3  # --trials counts full-fidelity fine-tunes only
+    assert any(line.startswith("fine-tuned:   ") for line in "\n".join(lines).splitlines())
+
+
+class _RayTrial:
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def test_a_trial_the_halving_scheduler_stops_ends_pruned_at_its_rung_and_does_not_count(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from autoprune import PruneConfig
+    from autoprune.search.halving import HalvingScheduler, SuccessiveHalving
+    from autoprune.search.searcher import Progress, StudySearcher
+    from autoprune.search.space import Candidate
+
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    lines = []
+    searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=trial.suggest_int("r", 1, 4))),
+                             budget=1e12,
+                             flops_of=lambda candidate: 1e9, train_config=lambda candidate, number: {}, target=2,
+                             progress=Progress(total=2, done_before=0, write=lines.append),
+                             halving=SuccessiveHalving(study, epochs=2, eta=2))
+    scheduler = HalvingScheduler(searcher.halving.rungs, searcher.at_rung)
+    first, second = searcher.suggest("a")["trial_number"], searcher.suggest("b")["trial_number"]
+    assert scheduler.on_trial_result(None, _RayTrial("a"), {"epoch": 1, "accuracy": 80.0}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, _RayTrial("b"), {"epoch": 1, "accuracy": 60.0}) == TrialScheduler.STOP
+    searcher.on_trial_complete("b", {"epoch": 1, "accuracy": 60.0})  # what Ray calls after a scheduler's stop
+    stopped = study.trials[second]
+    assert stopped.state == optuna.trial.TrialState.PRUNED and stopped.user_attrs[OUTCOME] == "stopped"
+    assert stopped.user_attrs[RUNG] == 1 and "successive halving at the epoch-1 rung" in stopped.user_attrs[REASON]
+    assert lines[-1].startswith("[0/2] trial 1:")  # reported, not counted
+    # failures and final results are no rung decisions
+    assert scheduler.on_trial_result(None, _RayTrial("a"), {"autoprune_failed": "boom"}) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, _RayTrial("a"), {"epoch": 2, "accuracy": 1.0}) == TrialScheduler.CONTINUE
+    searcher.on_trial_complete("a", {"autoprune_final": True, "accuracy": 85.0, "throughput": 100.0, "flops": 1e9,
+                                     "speedup": 1.5})
+    assert study.trials[first].state == optuna.trial.TrialState.COMPLETE
+    assert searcher.suggest("c")["trial_number"] == 2  # one finished of two: the stopped one did not count
 
 
 DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
-    from test_search import SLOW, search, tiny_settings
-    search(tiny_settings(recipe=SLOW), trials=3, study_name={study!r}, storage={storage!r})
+    from test_search import *
+    search({settings}, trials={trials}, study_name={study!r}, storage={storage!r})
 """)
 
 
-def kill_mid_trial(workdir: Path, storage: str, study_name: str = "killed",
-                   while_training: Callable[[], None] | None = None) -> list[int]:
-    """Run a 3-trial search in another process and SIGKILL it, with its Ray processes, while a
-    trial is in training and another has completed; returns the numbers of the completed ones.
-    `while_training` runs once at such a moment, before the kill (the search still holds its study)."""
-    script = DRIVER.format(tests=str(ROOT / "tests"), storage=storage, study=study_name)
-    driver = subprocess.Popen([sys.executable, "-c", script], cwd=workdir, start_new_session=True,
+def kill_9_when(workdir: Path, settings: str, trials: int, ready, storage: str | None = None,
+                study_name: str = "killed", timeout: float = 600):
+    """Run `search(settings, trials)` in a driver subprocess (test_search's `search`: no baseline
+    gate), and kill -9 it with its Ray processes (one process group) as soon as `ready(storage)`
+    returns something truthy (studies not made yet count as not ready); return that."""
+    storage = storage or storage_url(workdir)
+    code = DRIVER.format(tests=str(ROOT / "tests"), settings=settings, trials=trials, study=study_name, storage=storage)
+    driver = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    complete_before: list[int] = []
     opened = open_storage(storage)
+    deadline = time.time() + timeout
     try:
         while time.time() < deadline:
             time.sleep(0.2)
             try:
-                study = optuna.load_study(study_name=study_name, storage=opened)
+                seen = ready(opened)
             except KeyError:
                 continue
-            complete_before = [t.number for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
-            # a trial in training (handed to Ray), not a proposal being screened against the budget
-            training = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
-                        and "ray_trial_id" in t.user_attrs and OUTCOME not in t.user_attrs]
-            if complete_before and training:
-                if while_training is None:
-                    break
-                while_training()
-                while_training = None  # then look again: the kill must still find a trial in training
-        else:
-            pytest.fail("the search never had a finished and a running trial at once")
+            if seen:
+                return seen
+            if driver.poll() is not None:
+                pytest.fail(f"the search ended (exit code {driver.returncode}) before the moment to kill it")
+        pytest.fail("the moment to kill the search never came")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes, at once
         driver.wait()
         opened.engine.dispose()
-    return complete_before
+
+
+def kill_mid_trial(workdir: Path, storage: str, study_name: str = "killed",
+                   while_training: Callable[[], None] | None = None) -> list[int]:
+    """Run a 3-trial search in another process and SIGKILL it while a trial is in training and
+    another has completed; returns the numbers of the completed ones. `while_training` runs once
+    at such a moment, before the kill (the search still holds its study)."""
+    pending = [while_training] if while_training else []
+
+    def training_after_a_finished_trial(opened):
+        study = optuna.load_study(study_name=study_name, storage=opened)
+        complete = [t.number for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
+        # a trial in training (handed to Ray), not a proposal being checked against the budget
+        training = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+                    and "ray_trial_id" in t.user_attrs and OUTCOME not in t.user_attrs]
+        if not (complete and training):
+            return None
+        if pending:
+            pending.pop()()
+            return None  # then look again: the kill must still find a trial in training
+        return complete
+
+    return kill_9_when(workdir, "tiny_settings(recipe=SLOW)", 3, training_after_a_finished_trial, storage, study_name)
+
+
+def _outcomes(study: optuna.Study) -> str:
+    return ", ".join(f"{t.number} {t.state.name} {t.user_attrs.get(OUTCOME)}" for t in study.trials)
 
 
 def assert_resumed_with_nothing_lost(result, study: optuna.Study, complete_before: list[int]) -> None:
     """The resumed search reached its 3 trials; what completed before the kill is intact; the trial
     the kill interrupted is marked so and ran again with the same parameters."""
     outcomes = [t.user_attrs.get(OUTCOME) for t in study.trials]
-    seen = f"complete before the kill: {complete_before}; after resuming: " + ", ".join(
-        f"{t.number} {t.state.name} {t.user_attrs.get(OUTCOME)}" for t in study.trials)
+    seen = f"complete before the kill: {complete_before}; after resuming: {_outcomes(study)}"
     assert result.finished == 3 and outcomes.count("complete") + outcomes.count("failed") + outcomes.count("stopped") == 3, seen
-    assert "interrupted" in outcomes and not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING], seen
+    assert "interrupted" in outcomes, seen
     assert all(study.trials[n].user_attrs[OUTCOME] == "complete" for n in complete_before), seen
+    _each_interrupted_trial_ran_again_once(study)
+
+
+def _each_interrupted_trial_ran_again_once(study: optuna.Study) -> None:
     retried = [t for t in study.trials if RETRY_OF in t.user_attrs]
     interrupted = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "interrupted"]
-    assert [t.user_attrs[RETRY_OF] for t in retried] == [t.number for t in interrupted]
-    assert all(t.params == study.trials[t.user_attrs[RETRY_OF]].params for t in retried)
+    assert [t.user_attrs[RETRY_OF] for t in retried] == [t.number for t in interrupted], _outcomes(study)
+    # the re-run keeps every param the interrupted trial had drawn (one killed while being proposed
+    # had drawn only some: the re-run draws the rest)
+    assert all(study.trials[t.user_attrs[RETRY_OF]].params.items() <= t.params.items() for t in retried)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING], _outcomes(study)
+
+
+SCREENING = "tiny_settings(screen=120, screen_images=32)"
+
+
+@pytest.mark.slow
+def test_kill_9_while_screening_then_resume_redoes_no_screen(workdir):
+    def screening(opened):
+        screen = optuna.load_study(study_name="killed:screen", storage=opened)
+        done = {t.number: t.values for t in screen.trials if t.user_attrs.get(OUTCOME) == "complete"}
+        return done if len(done) >= 8 else None
+
+    screened_before = kill_9_when(workdir, SCREENING, 5, screening)
+    result = search(eval(SCREENING), trials=5, study_name="killed", storage=storage_url(workdir),
+                    log=lambda line: None)
+    screen = optuna.load_study(study_name="killed:screen", storage=storage_url(workdir))
+    study = optuna.load_study(study_name="killed", storage=storage_url(workdir))
+    finished = [t for t in screen.trials if t.user_attrs.get(OUTCOME) in ("complete", "failed")]
+    assert len(finished) == 120, _outcomes(screen)  # the target, no screen lost or done twice
+    assert all(screen.trials[n].values == values for n, values in screened_before.items())
+    _each_interrupted_trial_ran_again_once(screen)
+    promoted = [t.user_attrs[SCREEN_TRIAL] for t in study.trials if SCREEN_TRIAL in t.user_attrs]
+    assert promoted and len(promoted) == len(set(promoted)) == len(study.user_attrs[PROMOTED_ATTR])
+    assert result.finished == 5
+    tuned = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
+    assert all(isinstance(t.user_attrs.get(SCREEN_ACCURACY), float) for t in tuned)
+    assert study.user_attrs[SCREEN_TAU_ATTR]["pairs"] == len(tuned)
+
+
+HALVING = "tiny_settings(recipe=dataclasses.replace(SLOW, epochs=8), halving=2)"  # rungs at epochs 1, 2, 4
+
+
+@pytest.mark.slow
+def test_kill_9_past_a_rung_then_resume(workdir):
+    def past_a_rung(opened):
+        study = optuna.load_study(study_name="killed", storage=opened)
+        return [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING
+                and RUNG_ACCURACY in t.user_attrs and OUTCOME not in t.user_attrs]
+
+    killed_in = kill_9_when(workdir, HALVING, 4, past_a_rung)
+    result = search(eval(HALVING), trials=4, study_name="killed", storage=storage_url(workdir), log=lambda line: None)
+    study = optuna.load_study(study_name="killed", storage=storage_url(workdir))
+    assert result.finished == 4 and all(study.trials[n].user_attrs[OUTCOME] == "interrupted" for n in killed_in)
+    _each_interrupted_trial_ran_again_once(study)
+    for trial in study.trials:
+        if trial.user_attrs.get(OUTCOME) == "stopped":
+            assert trial.state == optuna.trial.TrialState.PRUNED and trial.user_attrs[RUNG] in (1, 2, 4)
+
+
+def test_recovery_after_a_kill_at_a_rung_keeps_a_decided_stop_and_reruns_an_undecided_trial(tmp_path):
+    """Killed after recording a rung: a trial whose stop was decided (outcome written) ends
+    PRUNED at its rung; one that was going on runs again from the start."""
+    from autoprune.search.searcher import recover_interrupted
+    study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
+    decided, going_on = study.ask(), study.ask()
+    for trial in (decided, going_on):
+        trial.suggest_float("keep_rate", 0.5, 1.0)
+        trial.set_user_attr(RUNG_ACCURACY, {"1": 50.0})
+    decided.set_user_attr(RUNG, 1)
+    decided.set_user_attr(OUTCOME, "stopped")
+    assert recover_interrupted(study) == [going_on.number]
+    trials = study.get_trials()
+    assert trials[decided.number].state == optuna.trial.TrialState.PRUNED
+    assert trials[going_on.number].user_attrs[OUTCOME] == "interrupted"
+    assert trials[-1].user_attrs[RETRY_OF] == going_on.number and len(trials) == 3
+
+
+@pytest.mark.slow
+def test_screening_promotes_into_the_study_and_the_proxy_is_checked(ray_session, workdir):
+    lines = []
+    settings = tiny_settings(screen=16, screen_images=32)
+    result = search(settings, trials=6, study_name="screened", storage=storage_url(workdir), log=lines.append)
+    study = optuna.load_study(study_name="screened", storage=storage_url(workdir))
+    screen = optuna.load_study(study_name="screened:screen", storage=storage_url(workdir))
+    assert result.finished == 6 and len([t for t in screen.trials if t.user_attrs.get(OUTCOME) == "complete"]) == 16
+    assert {t.user_attrs.get(WARM_START) for t in screen.trials} >= {t.user_attrs.get(WARM_START) for t in study.trials}
+    promoted = [t for t in study.trials if SCREEN_TRIAL in t.user_attrs]
+    assert len(promoted) == 1 and promoted[0].user_attrs[OUTCOME] == "complete"  # ceil((6 - 4 warm) / 2)
+    screened = screen.trials[promoted[0].user_attrs[SCREEN_TRIAL]]
+    assert promoted[0].user_attrs["prune_config"] == screened.user_attrs["prune_config"]
+    # the trainable screens each fine-tune again on the same images: the same score
+    assert promoted[0].user_attrs[SCREEN_ACCURACY] == pytest.approx(screened.values[0])
+    assert any(line.startswith("[screen 16/16]") for line in lines)
+    for start in ("screened:     16 configs", "fine-tuned:   6 at full fidelity", "over budget:", "screen proxy:"):
+        assert any(line.startswith(start) for line in "\n".join(lines).splitlines()), start
+    again = search(settings, trials=6, study_name="screened", storage=storage_url(workdir), log=lambda line: None)
+    assert again.finished == 6 and len(optuna.load_study(study_name="screened:screen",
+                                                         storage=storage_url(workdir)).trials) == len(screen.trials)
 
 
 def test_kill_9_mid_trial_then_resume(workdir):

@@ -151,6 +151,24 @@ def test_open_storage_existing_optuna_db(tmp_path: Path) -> None:
     assert len(reopened.trials) == 3
 
 
+def test_open_storage_recovers_a_study_database_a_killed_writer_left_mid_transaction(tmp_path: Path) -> None:
+    """kill -9 during a write leaves a hot journal, which a read-only check cannot roll back: the
+    database opens at its last committed state."""
+    path = tmp_path / "killed.db"
+    optuna.create_study(storage=sqlite_url(path), study_name="s").optimize(
+        lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    writer = ("import os, sqlite3, sys\n"
+              "connection = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "connection.execute('PRAGMA cache_size=1')  # changed pages reach the file before the commit\n"
+              "connection.execute('BEGIN IMMEDIATE')\n"
+              "connection.execute('DELETE FROM trials')\n"
+              "os._exit(0)  # dies mid-transaction\n")
+    subprocess.run([sys.executable, "-c", writer, str(path)], check=True)
+    assert (tmp_path / "killed.db-journal").stat().st_size > 0
+    storage = open_storage(sqlite_url(path))
+    assert len(optuna.load_study(study_name="s", storage=storage).trials) == 3
+
+
 def test_open_storage_empty_file_is_accepted(tmp_path: Path) -> None:
     path = tmp_path / "touched.db"
     path.touch()

@@ -16,9 +16,9 @@ from .parsing import UsageError, parse_yaml, parse_model_kwargs
 
 SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes or underscores
     "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
-    "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "early_stopping",
-    "teacher", "teacher_kwargs", "teacher_pretrained", "teacher_checkpoint",
-    "lr", "train_batch", "baseline_epochs", "baseline_lr", "min_baseline_accuracy",
+    "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "screen",
+    "screen_images", "halving", "early_stopping", "teacher", "teacher_kwargs", "teacher_pretrained",
+    "teacher_checkpoint", "lr", "train_batch", "baseline_epochs", "baseline_lr", "min_baseline_accuracy",
 }
 
 
@@ -77,7 +77,13 @@ def _checked(options: dict) -> dict:
     number("baseline_lr", float, lambda v: v > 0, "a positive number, e.g. 1e-3")
     number("min_baseline_accuracy", float, lambda v: 0 <= v <= 100, "a percentage from 0 to 100")
     number("seed", int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
-    for name in ("pretrained", "early_stopping", "teacher_pretrained"):
+    number("screen", int, lambda v: v >= 0, "an integer >= 0 (0: no screening)")
+    number("screen_images", int, lambda v: v >= 1, "an integer >= 1")
+    number("halving", int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2")
+    if options["early_stopping"]:  # `early_stopping: false` in an older config file is harmless
+        raise UsageError("--early-stopping: ASHA early stopping was replaced by successive halving with Pareto "
+                         "promotion; accepted: --halving ETA (e.g. --halving 3)")
+    for name in ("pretrained", "teacher_pretrained"):
         if options[name] is not None and not isinstance(options[name], bool):
             raise UsageError(f"--config: {name}: {options[name]!r} is invalid; accepted: true or false")
     for name in ("budget", "preset", "model", "checkpoint", "data", "space", "study", "storage", "address",
@@ -156,14 +162,16 @@ def cmd_search(args: argparse.Namespace) -> None:
     recipe = _override(settings.recipe, epochs=options["epochs"], lr=options["lr"], batch_size=options["train_batch"])
     baseline_recipe = _override(settings.baseline_recipe, epochs=options["baseline_epochs"], lr=options["baseline_lr"],
                                 batch_size=options["train_batch"])
-    changes = {key: options[key] for key in ("data", "space", "seed") if options[key] is not None}
+    changes = {key: options[key] for key in ("data", "space", "seed", "screen", "screen_images", "halving")
+               if options[key] is not None}
     settings = dataclasses.replace(settings, recipe=recipe, baseline_recipe=baseline_recipe,
-                                   device="cuda" if gpus > 0 else "cpu",
-                                   early_stopping=bool(options["early_stopping"]), teacher=teacher, **changes)
+                                   device="cuda" if gpus > 0 else "cpu", teacher=teacher, **changes)
+    screening = (f"screen {settings.screen} configs on {settings.screen_images} val images" if settings.screen
+                 else "no screening")
     print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
           f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
-          f"seed {settings.seed}, device {settings.device}, "
-          f"early stopping {'on' if settings.early_stopping else 'off'}, "
+          f"seed {settings.seed}, device {settings.device}, {screening}, "
+          f"successive halving {f'eta {settings.halving}' if settings.halving else 'off'}, "
           f"teacher {f'{teacher.name} ({teacher.weights})' if teacher else 'the dense baseline'}")
     print(f"recipes: baseline {_describe(baseline_recipe)}; trials {_describe(recipe)}")
     try:
@@ -216,7 +224,8 @@ def register(commands) -> None:
     search.add_argument("--data", help="synthetic, imagefolder:PATH, cifar10:PATH or cifar100:PATH (default: synthetic)")
     search.add_argument("--space", help="search-space YAML file, or the name of one in search_spaces/ "
                         "(default, evit_tome, sait; default: default)")
-    search.add_argument("--trials", type=int, help="finished trials to reach (default: 32)")
+    search.add_argument("--trials", type=int, help="fine-tunes to finish at full fidelity (default: 32); failed "
+                        "ones count, trials stopped at a lower successive-halving rung and screens do not")
     # recipe defaults follow the starting point (from scratch, or from trained weights); the
     # recipes in force are printed at start
     search.add_argument("--epochs", type=float, help="fine-tuning epochs per trial, fractions allowed")
@@ -233,8 +242,18 @@ def register(commands) -> None:
     search.add_argument("--address", help="join this Ray cluster (default: start a local Ray)")
     search.add_argument("--gpus-per-trial", type=float, help="default: 1 when CUDA is available, else 0")
     search.add_argument("--cpus-per-trial", type=int, help="default: all CPUs / concurrency")
-    search.add_argument("--concurrency", type=int, help="trials at once (default: 1; "
+    search.add_argument("--concurrency", type=int, help="trials (and screening workers) at once (default: 1; "
                         "throughput is only meaningful when a trial has its device to itself)")
-    search.add_argument("--early-stopping", action="store_true", default=None,
-                        help="stop poor trials early (ASHA on accuracy); they end PRUNED")
+    search.add_argument("--screen", type=int, metavar="N",
+                        help="before any fine-tuning, evaluate N configs off the shelf (the dense baseline's weights, "
+                             "no training) and fine-tune the best of them; 0: no screening (default: the preset's: "
+                             "64 for quickstart, about a minute on 2 cores; 256 for deit_small)")
+    search.add_argument("--screen-images", type=int, metavar="K",
+                        help="validation images each screen evaluates: a fixed sample, seeded by --seed "
+                             "(default: the preset's: 256 for quickstart, 2048 for deit_small)")
+    search.add_argument("--halving", type=int, metavar="ETA",
+                        help="successive halving on fine-tuning epochs: at rungs of E/ETA^k epochs a trial goes on "
+                             "only if in the best 1/ETA by Pareto rank (accuracy, FLOPs) of the trials there; "
+                             "stopped ones end PRUNED and never reach the front; 0: off (default: 0)")
+    search.add_argument("--early-stopping", action="store_true", default=None, help=argparse.SUPPRESS)
     search.set_defaults(run=cmd_search)

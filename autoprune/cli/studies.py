@@ -37,7 +37,7 @@ def _study(args: argparse.Namespace):
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from ..search.runner import format_front
+    from ..search.summary import format_front
     from ..study import pareto_front
     from ..study_attrs import DENSE_ATTR
 

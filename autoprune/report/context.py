@@ -13,6 +13,7 @@ from ..storage import shown_url
 from ..study import OUTCOME_ORDER, pareto_front
 from ..study_attrs import DENSE_ATTR, SETTINGS_ATTR
 from .rows import Row, _number, trial_rows
+from .screening import Stages, study_stages
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Context:
     budget_flops: float | None
     rows: list[Row]
     front: list[Row]
+    stages: Stages | None = None  # screening and successive halving, when the study used them
 
     @property
     def complete(self) -> list[Row]:
@@ -115,10 +117,16 @@ def _settings_items(ctx: Context) -> list[tuple[str, str]]:
             if _number(recipe.get("beta")):
                 shown.append(f"distill {recipe.get('distill')} β={recipe['beta']}")
             items.append((title, ", ".join(shown)))
-    for key, title in (("seed", "seed"), ("early_stopping", "early stopping"), ("device", "device")):
+    if "screen" in s:
+        items.append(("screening", f"{s['screen']} configs on {s.get('screen_images')} val images" if s["screen"]
+                      else "off"))
+    if "halving" in s:
+        items.append(("successive halving", f"eta {s['halving']}" if s["halving"] else "off"))
+    if s.get("early_stopping"):
+        items.append(("early stopping", "ASHA (a study from before successive halving)"))
+    for key, title in (("seed", "seed"), ("device", "device")):
         if key in s:
-            value = s[key]
-            items.append((title, ("on" if value else "off") if isinstance(value, bool) else str(value)))
+            items.append((title, str(s[key])))
     return items
 
 
@@ -201,7 +209,7 @@ def over_budget_line(ctx: Context) -> str:
 
 def _outcome_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
     meaning = {
-        "complete": "trained and measured", "stopped": "stopped early by ASHA (not on the front)",
+        "complete": "trained and measured", "stopped": "stopped at a lower rung by successive halving (not on the front)",
         "failed": "raised or diverged while training (no accuracy)",
         "infeasible": "predicted over budget: never trained", "interrupted": "the search stopped mid-trial (re-run)",
         "running": "training now", "queued": "waiting to run",
@@ -242,4 +250,4 @@ def build_context(study: optuna.Study, storage_url: str) -> Context:
                    taken=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
                    settings=settings, dense=dense if isinstance(dense, dict) else None,
                    budget_flops=_budget_flops(settings, dense if isinstance(dense, dict) else None),
-                   rows=rows, front=front)
+                   rows=rows, front=front, stages=study_stages(study, storage_url, settings))

@@ -39,7 +39,10 @@ def render_markdown(ctx: Context) -> str:
     headers, body = _warm_start_table(ctx)
     if body:
         out += [_md_table(headers, body), ""]
-    out += [warm_start_gain(ctx), "", "## Outcomes", "", _md_table(*_outcome_table(ctx)) if ctx.rows else "No trials.",
+    out += [warm_start_gain(ctx), ""]
+    if ctx.stages:
+        out += ["## Screening and successive halving", "", *ctx.stages.sentences(), ""]
+    out += ["## Outcomes", "", _md_table(*_outcome_table(ctx)) if ctx.rows else "No trials.",
             "", over_budget_line(ctx), ""]
     failures = _failure_table(ctx)
     if failures[1]:

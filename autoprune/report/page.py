@@ -151,6 +151,10 @@ def render_html(ctx: Context, study: optuna.Study, maps: int) -> tuple[str, int]
     body = (_html_table(headers, rows) if rows else "") + f"<p>{esc(warm_start_gain(ctx))}</p>"
     sections.append(("warm", "Warm starts vs search", body))
 
+    if ctx.stages:
+        sections.append(("stages", "Screening and successive halving",
+                         "".join(f"<p>{esc(line)}</p>" for line in ctx.stages.sentences())))
+
     if ctx.complete:
         body = _figure_html(hypervolume_plot(ctx), "hypervolume over trials",
                             "Area under the front (accuracy × throughput), relative to the dense model's "

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError, PruneConfig
 from ..study import load_study, pareto_front, trial_outcome, within_budget
-from ..study_attrs import REASON, WARM_START
+from ..study_attrs import REASON, RUNG, SCREEN_ACCURACY, WARM_START
 
 
 def snapshot_study(storage_url: str, study_name: str) -> optuna.Study:
@@ -72,7 +72,9 @@ class Row:
     checkpoint: str
     feasible: bool
     on_front: bool = False
-    stopped_accuracy: float | None = None  # last accuracy an early-stopped trial reported
+    stopped_accuracy: float | None = None  # the accuracy at which a trial was stopped
+    screen_accuracy: float | None = None   # off the shelf, on the screen images, before fine-tuning
+    rung: int | None = None                # the successive-halving rung (epoch) it was stopped at
 
     @property
     def gflops(self) -> float | None:
@@ -146,7 +148,9 @@ def trial_rows(study: optuna.Study, recipe: dict | None = None) -> list[Row]:
             speedup=_number(attrs.get("speedup")), params=_number(attrs.get("params")),
             checkpoint=str(attrs.get("checkpoint_path") or ""),
             feasible=within_budget(trial),
-            on_front=trial.number in front, stopped_accuracy=stopped))
+            on_front=trial.number in front, stopped_accuracy=stopped,
+            screen_accuracy=_number(attrs.get(SCREEN_ACCURACY)),
+            rung=attrs.get(RUNG) if isinstance(attrs.get(RUNG), int) else None))
     return rows
 
 
@@ -155,12 +159,12 @@ def rows_table(rows: Sequence[Row]):
 
     columns = ["number", "state", "outcome", "reason", "reducer", "layers", "config", "training", "warm_start",
                "accuracy", "test_accuracy", "gflops", "predicted_gflops", "throughput", "speedup", "params",
-               "on_front", "checkpoint_path"]
+               "on_front", "screen_accuracy", "rung", "checkpoint_path"]
     return pd.DataFrame([{
         "number": r.number, "state": r.state, "outcome": r.outcome, "reason": r.reason, "reducer": r.reducer,
         "layers": r.layers, "config": r.label, "training": r.training, "warm_start": r.warm_start,
         "accuracy": r.accuracy, "test_accuracy": r.test_accuracy, "gflops": r.gflops,
         "predicted_gflops": None if r.predicted_flops is None else r.predicted_flops / 1e9,
         "throughput": r.throughput, "speedup": r.speedup, "params": r.params, "on_front": r.on_front,
-        "checkpoint_path": r.checkpoint,
+        "screen_accuracy": r.screen_accuracy, "rung": r.rung, "checkpoint_path": r.checkpoint,
     } for r in rows], columns=columns)

@@ -1,16 +1,16 @@
 """`search()`: the budget-aware search service, as a Python API (the CLI is a thin layer on it).
 
 Order matters: every input is validated before anything is trained or written; then the dense
-baseline is built (or read from its cache), the study is opened or resumed under a lease, and
-Ray Tune runs the trials proposed by `StudySearcher` until the study holds the requested number
-of finished trials.
+baseline is built (or read from its cache), the study is opened or resumed under a lease, the
+screening stage screens candidates off the shelf and promotes the best (`screen.py`), and Ray
+Tune fine-tunes the trials proposed by `StudySearcher` (with successive halving, `halving.py`)
+until the study holds the requested number of finished trials.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import uuid
 import warnings
@@ -21,24 +21,28 @@ from typing import Any, Callable
 import optuna
 
 from ..config import PruneConfig
-from ..data import DataSpec, SyntheticOptions, load_datasets, model_data_config, parse_data_spec
+from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..distill import DistillationError, check_teacher
 from ..flops import predict_flops
 from ..presets import get_preset, recipes_for
 from ..progress import LiveProgress
 from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
-from ..study_attrs import DEFAULT_STORAGE, DENSE_ATTR, SETTINGS_ATTR, UID_ATTR, WARM_START, WARM_STARTED_ATTR
+from ..study_attrs import (DEFAULT_STORAGE, DENSE_ATTR, SCREEN_SUFFIX, SCREEN_TAU_ATTR, SETTINGS_ATTR, UID_ATTR,
+                           WARM_START, WARM_STARTED_ATTR)
 from ..teacher import TeacherError, TeacherSpec
 from ..train import MAX_SEED, TrainConfig
 from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
 from .baseline_gate import baseline_refusal
 from .budget import BudgetError, format_flops, parse_budget
 from .calibration import Calibration
+from .execution import ray_session, run_trials, screen_pool, worker_context, worker_resources
+from .halving import HalvingScheduler, rung_epochs
 from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_flops
-from .searcher import Progress, StudySearcher, recover_interrupted
-from .space import SearchSpace
-from .trainable import run_search_trial
+from .screen import ScreenError, promotion_slots, screen_and_promote, screen_study, screen_tau
+from .searcher import fine_tuning_searcher, recover_interrupted
+from .space import Candidate, SearchSpace
+from .summary import format_front, format_stages
 from .warm_start import enqueue_warm_starts
 
 SAMPLERS = ("tpe", "random")
@@ -61,10 +65,12 @@ class SearchSettings:
     recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").trial)
     baseline_recipe: TrainConfig = field(default_factory=lambda: get_preset("deit_small").baseline)
     seed: int = 0
-    early_stopping: bool = False
     device: str = "cpu"
     teacher: TeacherSpec | None = None  # distil from this model instead of the dense baseline
     sampler: str = "tpe"  # how proposals are sampled: tpe, or random (a baseline for comparisons)
+    screen: int = field(default_factory=lambda: get_preset("deit_small").screen)  # 0: no screening
+    screen_images: int = field(default_factory=lambda: get_preset("deit_small").screen_images)
+    halving: int = 0  # successive halving's eta (keep the best 1/eta at each rung); 0: off
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -74,8 +80,8 @@ class SearchSettings:
         model = changes.pop("model", preset.model)
         recipes = recipes_for(preset, model)
         return dataclasses.replace(cls(budget=budget, model=model, data=preset.data, synthetic=preset.synthetic,
-                                       recipe=recipes.trial, baseline_recipe=recipes.baseline, device=preset.device),
-                                   **changes)
+                                       recipe=recipes.trial, baseline_recipe=recipes.baseline, device=preset.device,
+                                       screen=preset.screen, screen_images=preset.screen_images), **changes)
 
     def to_record(self, space: SearchSpace) -> dict[str, Any]:
         """JSON-ready record stored with the study (the space and a teacher checkpoint by content,
@@ -138,7 +144,11 @@ def search(
         raise SearchError(f"sampler: {settings.sampler!r} is invalid; accepted: {', '.join(SAMPLERS)}")
     if not isinstance(settings.seed, int) or not 0 <= settings.seed <= MAX_SEED:
         raise SearchError(f"seed: {settings.seed!r} is invalid; accepted: an integer from 0 to {MAX_SEED}")
+    _check_stages(settings)
     study_name = study_name or default_study_name(settings)
+    if study_name.endswith(SCREEN_SUFFIX):
+        raise SearchError(f"--study: {study_name!r} ends in {SCREEN_SUFFIX!r}, the name of a study's screens; "
+                          "accepted: any other name")
     budget = _parse(parse_budget, settings.budget, BudgetError)
     if budget.speed:  # parsed and checked; feasibility from the latency predictor is not wired in yet
         raise SearchError(f"--budget: {settings.budget!r} is a speed budget, which the search does not take yet; "
@@ -179,6 +189,8 @@ def search(
             _check_same_settings(study, study_name, _jsonable(record))
         if UID_ATTR not in study.user_attrs:
             study.set_user_attr(UID_ATTR, uuid.uuid4().hex[:12])
+        if settings.screen:
+            _parse(lambda: screen_study(study), None, ScreenError)
         try:
             baseline = dense_baseline(settings.model, datasets, settings.data, settings.baseline_recipe,
                                       settings.synthetic, device=settings.device, log=log, live=running)
@@ -204,7 +216,7 @@ def search(
 
 def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
            cpus_per_trial, gpus_per_trial, concurrency, retries, running, leased) -> SearchResult:
-    """Recover, warm-start and run trials on an opened, leased study."""
+    """Recover, warm-start, screen and promote, then fine-tune, on an opened, leased study."""
     log = running.write
     recovered = recover_interrupted(study)
     if recovered:
@@ -218,102 +230,52 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     if proposer.unreachable:
         log("left out, their cheapest config is over the budget: " + ", ".join(
             f"{' '.join(filter(None, option))} ({format_flops(cost)})" for option, cost in proposer.unreachable.items()))
+
+    def warm_start(target: optuna.Study) -> list[str]:
+        return enqueue_warm_starts(target, proposer)
+
+    def candidate_flops(candidate: Candidate) -> float:
+        return flops_of(candidate.prune)
+
     if not study.user_attrs.get(WARM_STARTED_ATTR):
-        enqueued = enqueue_warm_starts(study, proposer)
+        enqueued = warm_start(study)
         study.set_user_attr(WARM_STARTED_ATTR, True)
         log(f"warm start (hand-designed configs solved to the budget): {', '.join(enqueued) or 'none in this space'}")
     done = finished_count(study)
     if done >= trials:
         log(f"the study already holds {done} finished trials")
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # seeded by the study's size: a resumed search does not replay its first proposals
-            seed = (settings.seed + len(study.trials)) % (MAX_SEED + 1)
-            study.sampler = optuna.samplers.RandomSampler(seed=seed) if settings.sampler == "random" else \
-                optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                           n_startup_trials=min(10, max(4, trials // 4)))
-        searcher = StudySearcher(
-            study, proposer.propose, budget_flops, lambda candidate: flops_of(candidate.prune),
-            train_config=lambda c, number: dataclasses.replace(
-                settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
-            target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased)
-        _run_ray(settings, searcher, baseline, study_name, storage, address, cpus_per_trial, gpus_per_trial,
-                 concurrency, retries)
-        log(f"over budget {searcher.infeasible}/{searcher.proposed} proposals (screened out, never trained)")
+        with ray_session(address):
+            resources = worker_resources(cpus_per_trial, gpus_per_trial, concurrency)
+            home = (Path("studies") / study_name).resolve()
+            context = worker_context(settings, baseline, home / "checkpoints" / study.user_attrs[UID_ATTR], resources)
+            if settings.screen:
+                if settings.screen_images > len(datasets.val):
+                    log(f"screening on all {len(datasets.val)} val images (fewer than --screen-images {settings.screen_images})")
+                warm = {t.user_attrs[WARM_START] for t in study.get_trials(deepcopy=False) if WARM_START in t.user_attrs}
+                screening = screen_and_promote(
+                    study, settings.screen, promotion_slots(trials, len(warm)), settings.seed, proposer.propose,
+                    candidate_flops, budget_flops, baseline.metrics, warm_start,
+                    lambda: screen_pool(context, resources, concurrency), log, leased)
+                if screening is not None and screening.stopped:
+                    raise SearchError(f"screening stopped: {screening.stopped}")
+            searcher = fine_tuning_searcher(settings, study, proposer.propose, candidate_flops, budget_flops, trials,
+                                            done, log, leased, running)
+            scheduler = HalvingScheduler(searcher.halving.rungs, searcher.at_rung) if searcher.halving else None
+            run_trials(searcher, context, resources, concurrency, retries, scheduler, home)
+        log(f"over budget {searcher.infeasible}/{searcher.proposed} proposals (caught by the budget check, never trained)")
         if searcher.exhausted:
             raise SearchError(searcher.exhausted)
+    if settings.screen:
+        study.set_user_attr(SCREEN_TAU_ATTR, screen_tau(study).to_dict())
     front = pareto_front(study)
     log(format_front(front, baseline.metrics))
+    log(format_stages(study, settings.recipe.epochs, settings.screen_images))
     log(f"study {study_name!r} lives in {shown_url(storage)}")
     infeasible = infeasible_count(study)
     return SearchResult(study_name, storage, finished_count(study), front, len(study.trials), infeasible)
 
 
-def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -> str:
-    lines = ["Pareto front (accuracy vs throughput, within budget):",
-             f"{'trial':>5}  {'config':<44} {'top-1':>7} {'GFLOPs':>7} {'img/s':>8} {'speedup':>7}",
-             f"{'dense':>5}  {'':<44} {dense['val']['top1']:>6.2f}% {dense['flops'] / 1e9:>7.3f} "
-             f"{dense['throughput']:>8.0f} {'1.00x':>7}"]
-    for trial in front:
-        attrs = trial.user_attrs
-        label = PruneConfig.from_dict(attrs["prune_config"]).describe()
-        if attrs.get(WARM_START):
-            label += f" [{attrs[WARM_START]}]"
-        lines.append(f"{trial.number:>5}  {label[:44]:<44} {trial.values[0]:>6.2f}% {attrs['flops'] / 1e9:>7.3f} "
-                     f"{trial.values[1]:>8.0f} {attrs['speedup']:>6.2f}x")
-    if not front:
-        lines.append("  (no finished trial within budget yet)")
-    return "\n".join(lines)
-
-
-# -- Ray -------------------------------------------------------------------------------------------
-
-def _run_ray(settings: SearchSettings, searcher: StudySearcher, baseline, study_name: str, storage: str,
-             address: str | None, cpus_per_trial: int | None, gpus_per_trial: float, concurrency: int,
-             retries: int) -> None:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    started_here = not ray.is_initialized()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter honours verbose=0
-    # a failure report has no accuracy; the ASHA scheduler skips it, Ray's strict check would abort the run
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=True)
-    try:
-        cpus = cpus_per_trial or max(1, int(ray.available_resources().get("CPU", os.cpu_count() or 1)) // concurrency)
-        home = (Path("studies") / study_name).resolve()
-        data = parse_data_spec(settings.data)
-        if data.path is not None:  # Ray Tune runs each trial in its own folder: relative paths break there
-            data = DataSpec(data.kind, str(Path(data.path).resolve()))
-        context = {
-            "model": dataclasses.asdict(settings.model), "data": str(data),
-            "synthetic": dataclasses.asdict(settings.synthetic), "baseline": str(baseline.path.resolve()),
-            "device": settings.device, "threads": cpus,
-            "teacher": None if settings.teacher is None else dataclasses.asdict(settings.teacher),
-            "checkpoints": str(home / "checkpoints" / searcher.study.user_attrs[UID_ATTR]),
-        }
-        trainable = tune.with_resources(tune.with_parameters(run_search_trial, context=context),
-                                        {"cpu": cpus, "gpu": gpus_per_trial})
-        scheduler = None
-        if settings.early_stopping:
-            # stop_last_trials=False: a trial that reaches its last epoch must still report its final result
-            scheduler = ASHAScheduler(time_attr="epoch", metric="accuracy", mode="max", stop_last_trials=False,
-                                      max_t=max(1, int(settings.recipe.epochs)), grace_period=1, reduction_factor=2)
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=-1,
-                                        max_concurrent_trials=concurrency, reuse_actors=True),
-            run_config=tune.RunConfig(name=f"run-{os.getpid()}", storage_path=str(home / "ray"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=retries)),
-        )
-        tuner.fit()
-    finally:
-        if started_here:
-            ray.shutdown()
 
 
 # -- input checks ----------------------------------------------------------------------------------
@@ -325,12 +287,40 @@ def _parse(function, argument, errors):
         raise SearchError(str(error)) from None
 
 
+def _check_stages(settings: SearchSettings) -> None:
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(settings.screen) or settings.screen < 0:
+        raise SearchError(f"screen: {settings.screen!r} is invalid; accepted: an integer >= 0 (0: no screening)")
+    if not whole(settings.screen_images) or settings.screen_images < 1:
+        raise SearchError(f"screen_images: {settings.screen_images!r} is invalid; accepted: an integer >= 1")
+    if not whole(settings.halving) or settings.halving == 1 or settings.halving < 0:
+        raise SearchError(f"halving: {settings.halving!r} is invalid; accepted: 0 (off) or an integer >= 2")
+    if settings.halving and not rung_epochs(settings.recipe.epochs, settings.halving):
+        raise SearchError(f"halving: {settings.recipe.epochs:g}-epoch trials have no rung below full fidelity at "
+                          f"eta {settings.halving}; accepted: 0 (off), or trials of at least 2 epochs")
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    """A settings record as resuming compares it. Studies made before screening and successive
+    halving existed ran neither; the screen's image count means nothing without screening."""
+    record = dict(record)
+    if record.pop("early_stopping", False):
+        record["halving"] = "ASHA early stopping (since replaced by successive halving)"
+    record.setdefault("halving", 0)
+    record.setdefault("screen", 0)
+    if not record["screen"]:
+        record.pop("screen_images", None)
+    return record
+
+
 def _check_same_settings(study: optuna.Study, name: str, requested: dict[str, Any]) -> None:
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise SearchError(f"study {name!r} exists but was not made by autoprune search (no settings recorded); "
                           "choose another --study name")
-    differences = settings_diff(stored, requested)
+    differences = settings_diff(_comparable(stored), _comparable(requested))
     if differences:
         raise SearchError(f"study {name!r} was created with other settings; refusing to resume: " + "; ".join(differences))
 

@@ -7,8 +7,10 @@ proposal, its outcome and its measurements live there, so a killed search resume
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,10 +21,14 @@ from ray.tune.search import Searcher
 from ..config import PruneConfig
 from ..progress import LiveProgress, format_duration
 from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
-from ..study_attrs import OUTCOME, REASON, RETRY_OF, WARM_START
-from ..train import TrainConfig
+from ..study_attrs import OUTCOME, REASON, RETRY_OF, RUNG, SCREEN_ACCURACY, SCREEN_TRIAL, WARM_START
+from ..train import MAX_SEED, TrainConfig
+from .halving import SuccessiveHalving
 from .space import Candidate
 from .trainable import FAILED, FINAL
+
+# What a re-run of an interrupted trial keeps from it: where its config came from.
+_CARRIED = (WARM_START, SCREEN_TRIAL)
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
@@ -40,7 +46,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
             continue
         # the re-run is queued before the trial is closed, once: a kill in between loses neither
         if trial.number not in queued:
-            attrs = {k: v for k, v in trial.user_attrs.items() if k == WARM_START}
+            attrs = {k: v for k, v in trial.user_attrs.items() if k in _CARRIED}
             study.enqueue_trial(trial.params, user_attrs={**attrs, RETRY_OF: trial.number})
         storage.set_trial_user_attr(trial._trial_id, REASON, "the search driving this trial stopped before it finished")
         storage.set_trial_user_attr(trial._trial_id, OUTCOME, "interrupted")
@@ -76,11 +82,12 @@ class Progress:
     def trial_ended(self, key: str) -> None:
         self.running.finish(key)
 
-    def line(self, study: optuna.Study, trial_number: int, text: str) -> None:
-        self.done_now += 1
+    def line(self, study: optuna.Study, trial_number: int, text: str, counts: bool = True) -> None:
+        """`counts`: whether the trial is one of the `total` (a trial stopped at a rung is not)."""
+        self.done_now += counts
         done = self.done_before + self.done_now
         elapsed = time.perf_counter() - self.started
-        left = elapsed / self.done_now * max(0, self.total - done)
+        left = elapsed / max(1, self.done_now) * max(0, self.total - done)
         best = best_feasible(study)
         best_text = (f"best {best.values[0]:.2f}% at {best.values[1]:.0f} img/s (trial {best.number})"
                      if best else "no feasible result yet")
@@ -88,10 +95,52 @@ class Progress:
                    f"{format_duration(elapsed)} elapsed, ~{format_duration(left)} left")
 
 
+def next_trial(study: optuna.Study) -> optuna.Trial:
+    """Re-runs of interrupted trials first, then other queued trials (warm starts, promoted
+    screens) in order, then a new proposal. (`Study.ask` would take the queue oldest first.)"""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    waiting.sort(key=lambda t: (RETRY_OF not in t.user_attrs, t.number))
+    for queued in waiting:
+        try:
+            if study._storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
+                return optuna.trial.Trial(study, queued._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return study.ask()
+
+
+def record_infeasible(study: optuna.Study, trial: optuna.Trial, candidate: Candidate, flops: float,
+                      budget: float) -> None:
+    """A proposal over budget ends PRUNED with a positive FLOPs constraint, never trained: TPE
+    reads that constraint and learns where the budget ends."""
+    trial.set_user_attr("prune_config", candidate.prune.to_dict())
+    trial.set_user_attr("predicted_flops", flops)
+    trial.set_constraint("flops", flops / budget - 1)
+    end_trial(study, trial, "infeasible")
+
+
+def end_trial(study: optuna.Study, trial: optuna.Trial, outcome: str, values: list[float] | None = None,
+              reason: str | None = None) -> None:
+    """Outcome last before the state: `recover_interrupted` relies on this order."""
+    if reason is not None:
+        trial.set_user_attr(REASON, reason)
+    trial.set_user_attr(OUTCOME, outcome)
+    if values is None:
+        study.tell(trial, state=OUTCOME_STATES[outcome])
+    else:
+        study.tell(trial, values)
+
+
+def failure_text(error: Exception) -> str:
+    """`Type: first line of the message`, for a reason attribute."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 class StudySearcher(Searcher):
     """Proposes candidates through `study` with `propose` (budget-exact: `Proposer.propose`), checks
     each against the budget with `flops_of` as a safety net (a config over budget is never
-    trained, and counted), and records every outcome."""
+    trained, and counted), and records every outcome. With `halving`, `at_rung` decides at each
+    rung whether a fine-tune goes on."""
 
     def __init__(
         self,
@@ -104,13 +153,14 @@ class StudySearcher(Searcher):
         progress: Progress,
         max_proposals: int = 500,
         leased: Callable[[], bool] = lambda: True,  # False once another search took the study over
+        halving: SuccessiveHalving | None = None,
     ) -> None:
         # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
         super().__init__(metric=None, mode=None)
         self.study, self.propose, self.budget = study, propose, budget
         self.flops_of, self.train_config = flops_of, train_config
         self.target, self.progress, self.max_proposals = target, progress, max_proposals
-        self.leased = leased
+        self.leased, self.halving = leased, halving
         self.live: dict[str, optuna.Trial] = {}
         self.proposed = self.infeasible = 0
         self.exhausted: str | None = None
@@ -130,13 +180,13 @@ class StudySearcher(Searcher):
         if self.exhausted or finished_count(self.study) + len(self.live) >= self.target:
             return Searcher.FINISHED if not self.live else None
         for _ in range(self.max_proposals):
-            trial = self._next_trial()
+            trial = next_trial(self.study)
             try:
                 candidate = self.propose(trial)
                 flops = self.flops_of(candidate)
                 train_config = self.train_config(candidate, trial.number)
             except Exception as error:  # a proposal that cannot be built ends FAIL; the search goes on
-                reason = f"the proposal could not be built: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                reason = f"the proposal could not be built: {failure_text(error)}"
                 self._fail(trial, reason)
                 self.progress.line(self.study, trial.number, f"FAILED: {reason}")
                 return None
@@ -144,10 +194,7 @@ class StudySearcher(Searcher):
             if flops <= self.budget:
                 break
             self.infeasible += 1
-            trial.set_user_attr("prune_config", candidate.prune.to_dict())
-            trial.set_user_attr("predicted_flops", flops)
-            trial.set_constraint("flops", flops / self.budget - 1)
-            self._end(trial, "infeasible")
+            record_infeasible(self.study, trial, candidate, flops, self.budget)
         else:
             self.exhausted = (f"no config within budget among {self.max_proposals} proposals in a row; "
                               "the space barely reaches the budget: raise it or widen the space")
@@ -161,18 +208,12 @@ class StudySearcher(Searcher):
                                     TrainConfig.from_dict(train_config).epochs)
         return {"trial_number": trial.number, "prune_config": candidate.prune.to_dict(), "train_config": train_config}
 
-    def _next_trial(self) -> optuna.Trial:
-        """Re-runs of interrupted trials first, then other queued trials (warm starts) in order,
-        then a new proposal. (`Study.ask` would take the queue oldest first.)"""
-        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        waiting.sort(key=lambda t: (RETRY_OF not in t.user_attrs, t.number))
-        for queued in waiting:
-            try:
-                if self.study._storage.set_trial_state_values(queued._trial_id, TrialState.RUNNING):
-                    return optuna.trial.Trial(self.study, queued._trial_id)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-        return self.study.ask()
+    def at_rung(self, trial_id: str, epoch: int, accuracy: float) -> bool:
+        """Whether a fine-tune that reached a successive-halving rung goes on (the scheduler asks)."""
+        trial = self.live.get(trial_id)
+        if trial is None or self.halving is None:
+            return True
+        return self.halving.decide(trial, epoch, accuracy)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         """A running trial's per-epoch report: its live progress line."""
@@ -199,9 +240,11 @@ class StudySearcher(Searcher):
             self.progress.line(self.study, trial.number, f"{label} FAILED: {result[FAILED]}")
             return
         if not result.get(FINAL):
-            self._end(trial, "stopped", reason=f"stopped early after epoch {result.get('epoch', '?')} "
-                                               f"(accuracy {result.get('accuracy', float('nan')):.2f}%)")
-            self.progress.line(self.study, trial.number, f"{label} stopped early")
+            # successive halving wrote the outcome and its reason at the rung; Ray only stopped it
+            halted = trial.user_attrs.get(RUNG) is not None
+            where = f"epoch {result.get('epoch', '?')} ({result.get('accuracy', float('nan')):.2f}%)"
+            self._end(trial, "stopped", reason=None if halted else f"stopped after {where}")
+            self.progress.line(self.study, trial.number, f"{label} stopped at {where}", counts=False)
             return
         values = [result.get(name) for name in OBJECTIVES]
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
@@ -209,7 +252,8 @@ class StudySearcher(Searcher):
             self.progress.line(self.study, trial.number, f"{label} FAILED (bad metrics)")
             return
         for key in ("flops", "flops_std", "params", "throughput", "dense_throughput", "speedup", "accuracy",
-                    "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id"):
+                    "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id",
+                    SCREEN_ACCURACY):
             trial.set_user_attr(key, result.get(key))
         trial.set_constraint("flops", result["flops"] / self.budget - 1)
         self._end(trial, "complete", values=values)
@@ -221,14 +265,7 @@ class StudySearcher(Searcher):
 
     def _end(self, trial: optuna.Trial, outcome: str, values: list[float] | None = None,
              reason: str | None = None) -> None:
-        """Outcome last before the state: `recover_interrupted` relies on this order."""
-        if reason is not None:
-            trial.set_user_attr(REASON, reason)
-        trial.set_user_attr(OUTCOME, outcome)
-        if values is None:
-            self.study.tell(trial, state=OUTCOME_STATES[outcome])
-        else:
-            self.study.tell(trial, values)
+        end_trial(self.study, trial, outcome, values, reason)
 
 
 def _always_leased() -> bool:
@@ -238,3 +275,24 @@ def _always_leased() -> bool:
 def _label(trial) -> str:
     """A trial's config as a short label for progress lines."""
     return PruneConfig.from_dict(trial.user_attrs["prune_config"]).describe()
+
+
+def fine_tuning_searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased,
+                         running: LiveProgress | None = None) -> StudySearcher:
+    """The searcher of a search's fine-tuning stage (`settings` a `SearchSettings`), its sampler
+    (TPE, or random for comparisons) seeded by the study's size (a resumed search does not replay
+    its first proposals). The sampler learns from fine-tuned trials only: screens stay in their
+    own study, as off-the-shelf accuracy is not on the scale of fine-tuned accuracy; what the
+    screen knows reaches it through the promoted configs, which it sees fine-tuned."""
+    seed = (settings.seed + len(study.trials)) % (MAX_SEED + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.sampler = optuna.samplers.RandomSampler(seed=seed) if settings.sampler == "random" else \
+            optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                       n_startup_trials=min(10, max(4, trials // 4)))
+    return StudySearcher(
+        study, propose, budget_flops, flops_of,
+        train_config=lambda c, number: dataclasses.replace(
+            settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
+        target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased,
+        halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None)

@@ -21,6 +21,7 @@ from ..config import REDUCERS, TAU_MODES, PruneConfig
 from ..distill import DISTILL_KINDS
 
 DISTILL_CHOICES = ("none",) + DISTILL_KINDS
+TRAINING_ONLY = ("distill", "sait.distill", "beta", "lr")  # params that change fine-tuning, not the model
 BUILT_IN = Path(__file__).resolve().parents[2] / "search_spaces"
 
 

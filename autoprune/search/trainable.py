@@ -1,12 +1,14 @@
-"""What a Ray Tune worker runs for one trial. Kept free of Optuna: the driver owns the study.
+"""What a Ray worker runs: one fine-tuning trial (a Tune trainable), or batches of off-the-shelf
+screens (an actor). Kept free of Optuna: the driver owns the study.
 
-Failures are reported as data (a final result with `autoprune_failed`), so the driver can store
-the reason; only a dead worker reaches Ray's own error path.
+Failures are reported as data (a result with `autoprune_failed`), so the driver can store the
+reason; only a dead worker reaches Ray's own error path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from ..config import PruneConfig
 from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..teacher import TeacherSpec
 from ..train import TrainConfig, TrainingFailed
-from ..trial import Baseline, ModelSpec, load_baseline, run_trial
+from ..trial import Baseline, ModelSpec, load_baseline, run_trial, screen_config, screen_subset
 
 FINAL = "autoprune_final"
 FAILED = "autoprune_failed"
@@ -52,6 +54,10 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         datasets, baseline, teacher = _prepare(context)
         prune = PruneConfig.from_dict(config["prune_config"])
         recipe = TrainConfig.from_dict(config["train_config"])
+        screened = {}
+        if context.get("screen_images"):  # the proxy is checked on every fine-tune: its screen score first
+            subset = screen_subset(datasets.val, context["screen_images"], context["screen_seed"])
+            screened = {"screen_accuracy": screen_config(baseline.fresh_copy(), prune, subset, recipe.batch_size)["top1"]}
 
         def on_epoch(record):
             tune.report({"accuracy": record.metrics.get("top1", float("nan")), "epoch": record.epoch,
@@ -70,5 +76,32 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
         return
     import ray
 
-    tune.report({**dataclasses.asdict(result), "epoch": len(result.history), "checkpoint_path": str(checkpoint),
-                 "node_id": ray.get_runtime_context().get_node_id(), FINAL: True})
+    tune.report({**dataclasses.asdict(result), **screened, "epoch": len(result.history),
+                 "checkpoint_path": str(checkpoint), "node_id": ray.get_runtime_context().get_node_id(), FINAL: True})
+
+
+class ScreenWorker:
+    """Screens configs off the shelf (a Ray actor: `ray.remote(ScreenWorker)`): it holds the
+    baseline and the screen images, so a batch of configs costs their evaluations and nothing else."""
+
+    def __init__(self, context: dict[str, Any]) -> None:
+        if context.get("threads"):
+            torch.set_num_threads(context["threads"])
+        datasets, baseline = _prepare(context)
+        self.model = baseline.fresh_copy().eval()  # one working copy, re-patched per config
+        self.subset = screen_subset(datasets.val, context["screen_images"], context["screen_seed"])
+        self.batch_size = context["batch_size"]
+
+    def evaluate(self, jobs: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, dict[str, Any]]]:
+        """(trial number, prune config) -> (trial number, top-1, loss and seconds, or the failure)."""
+        results = []
+        for number, prune in jobs:
+            started = time.perf_counter()
+            try:
+                metrics = screen_config(self.model, PruneConfig.from_dict(prune), self.subset, self.batch_size)
+            except Exception as error:  # one config failing does not end the batch
+                detail = str(error).splitlines()[0] if str(error) else ""
+                results.append((number, {FAILED: f"{type(error).__name__}: {detail}"}))
+                continue
+            results.append((number, {**metrics, "seconds": time.perf_counter() - started}))
+        return results
