@@ -20,7 +20,8 @@ from autoprune.search import SearchError, SearchSettings
 from autoprune.search import search as _search
 from autoprune.study_attrs import (OUTCOME, PROMOTED_ATTR, REASON, RETRY_OF, RUNG, RUNG_ACCURACY, SCREEN_ACCURACY,
                                    SCREEN_TAU_ATTR, SCREEN_TRIAL, WARM_START)
-from autoprune.storage import StudyLease, open_storage
+from autoprune.lease import StudyLease
+from autoprune.storage import open_storage
 from autoprune.train import TrainConfig
 from autoprune.trial import ModelSpec
 

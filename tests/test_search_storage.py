@@ -18,14 +18,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from autoprune.search.budget import ACCEPTED, Budget, BudgetError, format_flops, parse_budget
-from autoprune.storage import (
-    LeaseHeld,
-    StorageError,
-    StudyLease,
-    open_storage,
-    settings_diff,
-    shown_url,
-)
+from autoprune.lease import LeaseHeld, StudyLease
+from autoprune.storage import StorageError, open_storage, settings_diff, shown_url
 from autoprune.study_attrs import DEFAULT_STORAGE, LEASE_KEY
 from fixtures_postgres import INSTALL_DRIVER, driver_installed
 

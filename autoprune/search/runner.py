@@ -26,7 +26,8 @@ from ..distill import DistillationError, check_teacher
 from ..flops import predict_flops
 from ..presets import get_preset, recipes_for
 from ..progress import LiveProgress
-from ..storage import StorageError, StudyLease, open_storage, settings_diff, shown_url
+from ..lease import StudyLease
+from ..storage import StorageError, open_storage, settings_diff, shown_url
 from ..study import OBJECTIVES, finished_count, infeasible_count, pareto_front
 from ..study_attrs import (DEFAULT_STORAGE, DENSE_ATTR, SCREEN_SUFFIX, SCREEN_TAU_ATTR, SETTINGS_ATTR, UID_ATTR,
                            WARM_START, WARM_STARTED_ATTR)
