@@ -230,6 +230,7 @@ def run_trial(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     flops_images: int = 256,
     throughput_rounds: int = 5,
+    throughput_batch: int | None = None,
     save_to: Path | None = None,
 ) -> TrialResult:
     """Reduce a copy of the baseline with `prune_config`, fine-tune it, and measure it.
@@ -237,7 +238,8 @@ def run_trial(
     The teacher for distillation (train_config.beta > 0) is the dense baseline unless `teacher`
     gives another model, or a `TeacherSpec` to load one (e.g. a DINO ViT for SaiT's tis).
     With `save_to`, the fine-tuned weights are written there (a state dict; the config is in the
-    result)."""
+    result). Throughput is timed at `throughput_batch` images a batch (default: the recipe's batch
+    size; a search times at its serving batch size, where its prediction holds)."""
     started = time.perf_counter()
     if train_config.beta > 0 and teacher is None:
         teacher = baseline.model
@@ -261,7 +263,7 @@ def run_trial(
     device = model_device(model)
     flops_sample = _sample_images(datasets.val, flops_images, device)
     per_image = torch.tensor(count_flops(model, flops_sample, per_image=True), dtype=torch.float64)
-    timing_images = flops_sample[:batch]
+    timing_images = _sample_images(datasets.val, throughput_batch or batch, device)
     rates = time_interleaved({"dense": baseline.model.eval(), "reduced": model}, timing_images,
                              rounds=throughput_rounds, warmup=1,
                              autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)

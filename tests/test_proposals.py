@@ -11,7 +11,7 @@ import torch
 from autoprune import PruneConfig, count_flops, predict_flops
 from autoprune.patch import apply
 from autoprune.search.calibration import Calibration
-from autoprune.search.proposals import Proposer, ProposalError, Replay, cheapest_flops
+from autoprune.search.proposals import Proposer, ProposalError, Replay, cheapest_cost
 from autoprune.search.solve import keep_rate_family, removal_family, solve
 from autoprune.search.space import Candidate, Fixed, Range, SearchSpace, SpaceError
 from autoprune.search.warm_start import hand_designed, warm_start_params
@@ -203,7 +203,7 @@ def test_options_that_cannot_reach_the_budget_are_left_out_and_none_reaching_it_
         trial = study.ask()
         assert tight.cost(tight.propose(trial).prune) <= tight.limit
         study.tell(trial, 0.0)
-    floor = cheapest_flops(SearchSpace.from_file("default"), model)
+    floor = cheapest_cost(SearchSpace.from_file("default"), model)
     with pytest.raises(ProposalError, match="no reducer of the search space"):
         proposer_for("quick", 0.99 * floor / dense)
 

@@ -257,15 +257,24 @@ def _evaluate(jobs):
     return results
 
 
+class _Speed:
+    """Throughput inversely proportional to the keep rate (the dense model: 100 img/s)."""
+
+    def throughput(self, prune):
+        return 100.0 / prune.keep_rate
+
+    def speedup(self, prune):
+        return 1 / prune.keep_rate
+
+
 def test_screening_records_each_screen_skips_over_budget_ones_and_resumes_without_redoing():
     study = optuna.create_study(directions=["maximize", "maximize"])
     study.set_user_attr(UID_ATTR, "u")
     screen = screen_study(study)
     screen.sampler = optuna.samplers.RandomSampler(seed=0)
-    dense = {"flops": 1e9, "throughput": 100.0}
     flops_of = lambda candidate: candidate.prune.keep_rate * 1e9  # noqa: E731
     lines = []
-    run = run_screening(screen, _propose, flops_of, 0.8e9, dense, 6, _InlinePool(_evaluate), 2, lines.append)
+    run = run_screening(screen, _propose, flops_of, 0.8e9, "flops", _Speed(), 6, _InlinePool(_evaluate), 2, lines.append)
     outcomes = [t.user_attrs.get(OUTCOME) for t in screen.trials]
     assert run.screened == 6 and outcomes.count("complete") + outcomes.count("failed") == 6
     assert outcomes.count("infeasible") == run.infeasible and run.proposed == 6 + run.infeasible
@@ -279,7 +288,7 @@ def test_screening_records_each_screen_skips_over_budget_ones_and_resumes_withou
     orphan.suggest_float("keep_rate", 0.3, 1.0)
     before = {t.number for t in screen.trials if t.user_attrs.get(OUTCOME) in ("complete", "failed")}
     assert recover_interrupted(screen) == [orphan.number]
-    run = run_screening(screen, _propose, flops_of, 1.1e9, dense, 8, _InlinePool(_evaluate), 2, lines.append)
+    run = run_screening(screen, _propose, flops_of, 1.1e9, "flops", _Speed(), 8, _InlinePool(_evaluate), 2, lines.append)
     finished = [t for t in screen.trials if t.user_attrs.get(OUTCOME) in ("complete", "failed")]
     assert run.screened == len(finished) == 8 and before <= {t.number for t in finished}
     retry = [t for t in screen.trials if t.user_attrs.get(RETRY_OF) == orphan.number]

@@ -1,5 +1,6 @@
 """The search service end to end on a tiny ViT and tiny synthetic data, with a real local Ray."""
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -71,7 +72,9 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
         assert {"prune_config", "train_config", "flops", "params", "throughput", "speedup", "accuracy",
                 "ray_trial_id", "checkpoint_path"} <= set(attrs)
         assert Path(attrs["checkpoint_path"]).exists()
-        assert trial.values == [attrs["accuracy"], attrs["throughput"]]
+        # the throughput objective is the prediction (deterministic); the timing is kept beside it
+        assert trial.values == [attrs["accuracy"], attrs["predicted_throughput"]]
+        assert attrs["throughput_error"] == pytest.approx(attrs["throughput"] / attrs["predicted_throughput"] - 1)
     assert any(t.user_attrs.get(WARM_START) for t in study.trials)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     # budget-exact proposals: none over budget, and the count says so
@@ -83,6 +86,31 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
     # the same command again: nothing left to do, warm starts are not enqueued twice
     again = search(tiny_settings(), trials=3, study_name="s", storage=storage_url(workdir), log=lines.append)
     assert again.finished == 3 and len(optuna.load_study(study_name="s", storage=storage_url(workdir)).trials) == len(study.trials)
+
+
+def test_a_speed_budget_is_met_by_prediction_and_resumes_only_at_the_same_serving_batch(ray_session, workdir):
+    from autoprune.study_attrs import DENSE_ATTR
+
+    lines = []
+    result = search(tiny_settings(budget="1.05x"), trials=2, study_name="fast", storage=storage_url(workdir),
+                    log=lines.append)
+    study = optuna.load_study(study_name="fast", storage=storage_url(workdir))
+    dense = study.user_attrs[DENSE_ATTR]
+    assert dense["serve_batch"] == 32 and dense["predicted_throughput"] > 0
+    required = 1.05 * dense["predicted_throughput"]
+    complete = [t for t in study.trials if t.user_attrs.get(OUTCOME) == "complete"]
+    assert result.finished == 2 and complete and result.infeasible == 0
+    for trial in complete:  # the constraint is on predicted seconds per image, never FLOPs
+        assert set(trial.constraints) == {"seconds"} and trial.constraints["seconds"] <= 0
+        assert trial.values[1] == trial.user_attrs["predicted_throughput"] >= required * (1 - 1e-9)
+        assert trial.user_attrs["predicted_seconds"] == pytest.approx(1 / trial.values[1])
+    assert any(line.startswith("study 'fast'") and "img/s (dense" in line for line in lines), lines
+    with pytest.raises(SearchError, match=r"refusing to resume: serve_batch: stored 32, requested 64"):
+        search(tiny_settings(budget="1.05x", serve_batch=64), trials=3, study_name="fast", storage=storage_url(workdir),
+               log=lambda line: None)
+    again = search(tiny_settings(budget="1.05x"), trials=2, study_name="fast", storage=storage_url(workdir),
+                   log=lambda line: None)
+    assert again.finished == 2
 
 
 def test_resuming_with_other_settings_is_refused(ray_session, workdir):
@@ -231,8 +259,10 @@ def kill_9_when(workdir: Path, settings: str, trials: int, ready, storage: str |
     returns something truthy (studies not made yet count as not ready); return that."""
     storage = storage or storage_url(workdir)
     code = DRIVER.format(tests=str(ROOT / "tests"), settings=settings, trials=trials, study=study_name, storage=storage)
-    driver = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = workdir / f"driver-{time.time_ns()}.log"
+    with output.open("wb") as sink:
+        driver = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, start_new_session=True,
+                                  stdout=sink, stderr=subprocess.STDOUT)
     opened = open_storage(storage)
     deadline = time.time() + timeout
     try:
@@ -245,10 +275,12 @@ def kill_9_when(workdir: Path, settings: str, trials: int, ready, storage: str |
             if seen:
                 return seen
             if driver.poll() is not None:
-                pytest.fail(f"the search ended (exit code {driver.returncode}) before the moment to kill it")
+                pytest.fail(f"the search ended (exit code {driver.returncode}) before the moment to kill it; "
+                            f"its output ends: {output.read_text()[-2000:]}")
         pytest.fail("the moment to kill the search never came")
     finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes, at once
+        with contextlib.suppress(ProcessLookupError):  # gone already if it ended by itself
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and its Ray processes, at once
         driver.wait()
         opened.engine.dispose()
 
@@ -544,14 +576,14 @@ def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_set
 def test_the_budget_floor_counts_mass_based_sait(tmp_path):
     """A space of mass-based SaiT alone must not be told that nothing below dense fits."""
     from autoprune import PruneConfig, predict_flops
-    from autoprune.search.proposals import cheapest_flops
+    from autoprune.search.proposals import cheapest_cost
     from autoprune.search.space import SearchSpace
     from autoprune.trial import create_unweighted
 
     space = tmp_path / "mass.yaml"
     space.write_text("reducers: [sait]\nsait: {mode: mass, mass_threshold: [0.5, 0.9]}\n")
     model = create_unweighted(TINY.name, TINY.kwargs)
-    floor = cheapest_flops(SearchSpace.from_file(str(space)), model)
+    floor = cheapest_cost(SearchSpace.from_file(str(space)), model)
     # the earliest SaiT layer the space allows, keeping a single patch token: below any mass config
     last_layer_few_tokens = PruneConfig(reducer="sait", layers=(len(model.blocks) - 1,), keep_rate=0.1)
     assert floor < predict_flops(model, last_layer_few_tokens) < predict_flops(model)

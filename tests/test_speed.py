@@ -77,11 +77,24 @@ def test_a_negative_budget_in_a_config_file_gets_the_same_line(tmp_path, capsys)
     assert capsys.readouterr().err.startswith("autoprune: --budget: '-1G' is not positive; accepted: ")
 
 
-def test_speed_budgets_are_refused_by_the_search_until_it_predicts_throughput(tmp_path, capsys):
+def test_a_speed_budget_out_of_reach_is_refused_before_any_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     storage = f"sqlite:///{tmp_path / 'x.db'}"
-    assert main(["search", "--budget", "2x", "--preset", "quickstart", "--storage", storage]) == 2
+    assert main(["search", "--budget", "50x", "--preset", "quickstart", "--storage", storage]) == 2
     err = capsys.readouterr().err
-    assert "is a speed budget" in err and err.count("\n") == 1
+    assert "--budget: 50x dense throughput asks for more than the fastest config the search space" in err, err
+    assert "accepted: at most " in err and err.count("\n") == 1
+    assert not (tmp_path / "studies" / "baselines").exists()  # refused before the baseline trained
+    assert list((tmp_path / "studies" / "latency").glob("*.json"))  # the table it was judged on stays cached
+
+
+def test_a_bad_serve_batch_exits_2_with_one_line(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    assert main(["search", "--budget", "2x", "--preset", "quickstart", "--serve-batch", "0", "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("autoprune: --serve-batch: 0 is invalid; accepted: a positive integer") or \
+        "serve_batch: 0 is invalid; accepted: a positive integer" in err, err
+    assert err.count("\n") == 1
 
 
 def test_calibrate_command(tmp_path, capsys, one_thread):

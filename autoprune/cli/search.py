@@ -17,7 +17,7 @@ from .parsing import UsageError, parse_yaml, parse_model_kwargs
 SEARCH_KEYS = {  # --config keys: the long flags of `autoprune search`, dashes or underscores
     "budget", "preset", "model", "model_kwargs", "pretrained", "checkpoint", "data", "space", "trials", "epochs",
     "seed", "study", "storage", "address", "gpus_per_trial", "cpus_per_trial", "concurrency", "screen",
-    "screen_images", "halving", "early_stopping", "teacher", "teacher_kwargs", "teacher_pretrained",
+    "screen_images", "halving", "serve_batch", "early_stopping", "teacher", "teacher_kwargs", "teacher_pretrained",
     "teacher_checkpoint", "lr", "train_batch", "baseline_epochs", "baseline_lr", "min_baseline_accuracy",
 }
 
@@ -80,6 +80,7 @@ def _checked(options: dict) -> dict:
     number("screen", int, lambda v: v >= 0, "an integer >= 0 (0: no screening)")
     number("screen_images", int, lambda v: v >= 1, "an integer >= 1")
     number("halving", int, lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2")
+    number("serve_batch", int, lambda v: v >= 1, "a positive integer")
     if options["early_stopping"]:  # `early_stopping: false` in an older config file is harmless
         raise UsageError("--early-stopping: ASHA early stopping was replaced by successive halving with Pareto "
                          "promotion; accepted: --halving ETA (e.g. --halving 3)")
@@ -162,7 +163,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     recipe = _override(settings.recipe, epochs=options["epochs"], lr=options["lr"], batch_size=options["train_batch"])
     baseline_recipe = _override(settings.baseline_recipe, epochs=options["baseline_epochs"], lr=options["baseline_lr"],
                                 batch_size=options["train_batch"])
-    changes = {key: options[key] for key in ("data", "space", "seed", "screen", "screen_images", "halving")
+    changes = {key: options[key] for key in ("data", "space", "seed", "screen", "screen_images", "halving", "serve_batch")
                if options[key] is not None}
     settings = dataclasses.replace(settings, recipe=recipe, baseline_recipe=baseline_recipe,
                                    device="cuda" if gpus > 0 else "cpu", teacher=teacher, **changes)
@@ -204,7 +205,9 @@ def register(commands) -> None:
         description="Search which reducer, layers and rates fit a FLOPs budget best. Trials run on Ray Tune "
                     "(a local instance, or a cluster with --address); an Optuna study keeps every trial, so "
                     "running the same command again resumes the search.")
-    search.add_argument("--budget", help="FLOPs per image: 2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9, or 56%% of dense (required)")
+    search.add_argument("--budget", help="FLOPs per image: 2.6GFLOPs, 2.6G, 2600MFLOPs, 2.6e9, or 56%% of dense; or speed "
+                        "(predicted at --serve-batch on this device): 2x the dense model's throughput, or 1500img/s "
+                        "(required)")
     search.add_argument("--config", help="YAML file of these options (flags given here override it), "
                                          "e.g. examples/quickstart.yaml")
     search.add_argument("--preset", help="model, data and recipes to start from: "
@@ -253,7 +256,11 @@ def register(commands) -> None:
                              "(default: the preset's: 256 for quickstart, 2048 for deit_small)")
     search.add_argument("--halving", type=int, metavar="ETA",
                         help="successive halving on fine-tuning epochs: at rungs of E/ETA^k epochs a trial goes on "
-                             "only if in the best 1/ETA by Pareto rank (accuracy, FLOPs) of the trials there; "
+                             "only if in the best 1/ETA by Pareto rank (accuracy, predicted throughput) of the trials "
+                             "there; "
                              "stopped ones end PRUNED and never reach the front; 0: off (default: 0)")
+    search.add_argument("--serve-batch", type=int, metavar="B",
+                        help="batch size the throughput objective and speed budgets are predicted at, from the latency "
+                             "table calibrated for the model on this device (cached under studies/latency; default: 32)")
     search.add_argument("--early-stopping", action="store_true", default=None, help=argparse.SUPPRESS)
     search.set_defaults(run=cmd_search)

@@ -134,14 +134,17 @@ def _front_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
     headers = ["trial", "reducer", "layers", "settings", "warm start", "val top-1"]
     if ctx.has_test:
         headers.append("test top-1")
-    headers += ["GFLOPs", "img/s", "speedup", "params"]
+    headers += ["GFLOPs", "img/s", "measured img/s", "prediction error", "measured speedup", "params"]
     body = []
     if ctx.dense:
         dense_row = ["dense", "none", "–", "", "", _fmt(_number((ctx.dense.get("val") or {}).get("top1")), ".2f", "%")]
         if ctx.has_test:
             dense_row.append("–")
+        predicted, measured = _number(ctx.dense.get("predicted_throughput")), _number(ctx.dense.get("throughput"))
         dense_row += [_gflops((_number(ctx.dense.get("flops")) or 0) / 1e9 or None),
-                      _fmt(_number(ctx.dense.get("throughput")), ".0f"), "1.00×", "–"]
+                      _fmt(predicted if predicted is not None else measured, ".0f"), _fmt(measured, ".0f"),
+                      _fmt(None if predicted is None or measured is None else measured / predicted - 1, "+.0%"),
+                      "1.00×", "–"]
         body.append(dense_row)
     for r in ctx.front:
         line = [str(r.number), r.reducer, r.layers or "all",
@@ -149,9 +152,20 @@ def _front_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
                 _fmt(r.accuracy, ".2f", "%")]
         if ctx.has_test:
             line.append(_fmt(r.test_accuracy, ".2f", "%"))
-        line += [_gflops(r.gflops), _fmt(r.throughput, ".0f"), _fmt(r.speedup, ".2f", "×"), _params(r.params)]
+        line += [_gflops(r.gflops), _fmt(r.throughput, ".0f"), _fmt(r.measured_throughput, ".0f"),
+                 _fmt(r.throughput_error, "+.0%"), _fmt(r.speedup, ".2f", "×"), _params(r.params)]
         body.append(line)
     return headers, body
+
+
+def throughput_note(ctx: Context) -> str:
+    """What the front's throughput columns are."""
+    batch = (ctx.dense or {}).get("serve_batch")
+    if batch is None:  # a study from before the latency model: its objective was the timing
+        return "img/s is the trial's own interleaved timing against the dense model."
+    return (f"img/s is the throughput objective, predicted at batch {batch} from the latency table calibrated for "
+            "this model and device (deterministic, so the front is not ranked by timing noise); measured img/s is "
+            "the trial's own interleaved timing, and the prediction error is measured / predicted - 1.")
 
 
 def _warm_start_table(ctx: Context) -> tuple[list[str], list[list[str]]]:

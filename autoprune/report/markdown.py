@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from .context import (Context, _failure_table, _front_table, _outcome_table, _settings_items, _status_note,
-                      _warm_start_table, over_budget_line, warm_start_gain)
+                      _warm_start_table, over_budget_line, throughput_note, warm_start_gain)
 
 
 def _md_table(headers: Sequence[str], body: Sequence[Sequence[str]]) -> str:
@@ -32,7 +32,7 @@ def render_markdown(ctx: Context) -> str:
     if ctx.front:
         out += [_md_table(*_front_table(ctx)), "",
                 "The front is chosen on validation accuracy" + ("; test accuracy is shown alongside." if ctx.has_test
-                                                                 else ".")]
+                                                                 else ".") + " " + throughput_note(ctx)]
     else:
         out.append("No trial is on the front yet.")
     out += ["", "## Warm starts (hand-designed configs)", ""]

@@ -12,7 +12,7 @@ import optuna
 
 from ..study import OUTCOME_ORDER
 from .context import (Context, _failure_table, _fmt, _front_table, _outcome_table, _settings_items, _status_note,
-                      _warm_start_table, over_budget_line, warm_start_gain)
+                      _warm_start_table, over_budget_line, throughput_note, warm_start_gain)
 from .maps import token_maps
 from .plots import hypervolume_plot, importance_plot, param_importances, tradeoff_plot
 from .rows import _number
@@ -141,6 +141,7 @@ def render_html(ctx: Context, study: optuna.Study, maps: int) -> tuple[str, int]
         body = _html_table(*_front_table(ctx), highlight_first=bool(ctx.dense))
         body += ('<p class="muted">The front is chosen on validation accuracy and throughput' +
                  ("; test accuracy (never used for choosing) is shown alongside." if ctx.has_test else ".") +
+                 " " + esc(throughput_note(ctx)) +
                  " Export one with <code>autoprune export --study " + esc(ctx.name) + " --trial N --out DIR</code>."
                  "</p>")
     else:

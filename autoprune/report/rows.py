@@ -66,8 +66,10 @@ class Row:
     test_accuracy: float | None
     flops: float | None
     predicted_flops: float | None
-    throughput: float | None
+    throughput: float | None  # the objective: predicted (studies before prediction: measured)
     speedup: float | None
+    measured_throughput: float | None
+    throughput_error: float | None  # measured / predicted - 1
     params: float | None
     checkpoint: str
     feasible: bool
@@ -146,6 +148,7 @@ def trial_rows(study: optuna.Study, recipe: dict | None = None) -> list[Row]:
             test_accuracy=_number(attrs.get("test_accuracy")), flops=_number(attrs.get("flops")),
             predicted_flops=_number(attrs.get("predicted_flops")), throughput=_number(throughput),
             speedup=_number(attrs.get("speedup")), params=_number(attrs.get("params")),
+            measured_throughput=_number(attrs.get("throughput")), throughput_error=_number(attrs.get("throughput_error")),
             checkpoint=str(attrs.get("checkpoint_path") or ""),
             feasible=within_budget(trial),
             on_front=trial.number in front, stopped_accuracy=stopped,
@@ -158,13 +161,15 @@ def rows_table(rows: Sequence[Row]):
     import pandas as pd
 
     columns = ["number", "state", "outcome", "reason", "reducer", "layers", "config", "training", "warm_start",
-               "accuracy", "test_accuracy", "gflops", "predicted_gflops", "throughput", "speedup", "params",
+               "accuracy", "test_accuracy", "gflops", "predicted_gflops", "throughput", "measured_throughput",
+               "throughput_error", "speedup", "params",
                "on_front", "screen_accuracy", "rung", "checkpoint_path"]
     return pd.DataFrame([{
         "number": r.number, "state": r.state, "outcome": r.outcome, "reason": r.reason, "reducer": r.reducer,
         "layers": r.layers, "config": r.label, "training": r.training, "warm_start": r.warm_start,
         "accuracy": r.accuracy, "test_accuracy": r.test_accuracy, "gflops": r.gflops,
         "predicted_gflops": None if r.predicted_flops is None else r.predicted_flops / 1e9,
-        "throughput": r.throughput, "speedup": r.speedup, "params": r.params, "on_front": r.on_front,
+        "throughput": r.throughput, "measured_throughput": r.measured_throughput,
+        "throughput_error": r.throughput_error, "speedup": r.speedup, "params": r.params, "on_front": r.on_front,
         "screen_accuracy": r.screen_accuracy, "rung": r.rung, "checkpoint_path": r.checkpoint,
     } for r in rows], columns=columns)

@@ -55,7 +55,7 @@ def worker_context(settings, baseline, checkpoints: Path, resources: dict[str, f
         "device": settings.device, "threads": int(resources["cpu"]), "checkpoints": str(checkpoints),
         "teacher": None if settings.teacher is None else dataclasses.asdict(settings.teacher),
         "screen_images": settings.screen_images if settings.screen else 0, "screen_seed": settings.seed,
-        "batch_size": settings.recipe.batch_size,
+        "batch_size": settings.recipe.batch_size, "serve_batch": settings.serve_batch,
     }
 
 

@@ -3,9 +3,9 @@
 Ray Tune's schedulers rank on one metric and Optuna's pruners refuse multi-objective studies, so
 autoprune decides itself. Rungs sit at E/eta^k whole epochs below the full E. When a fine-tune
 reports the epoch of a rung, it goes on only if it is in the best 1/eta (by `pareto_order` on
-validation accuracy at that rung and predicted FLOPs, i.e. throughput) of every trial that
-reached that rung so far, as asynchronous successive halving (ASHA) does with one metric. Only
-accuracy changes with training, so FLOPs need no re-measuring at a rung.
+validation accuracy at that rung and predicted throughput) of every trial that reached that
+rung so far, as asynchronous successive halving (ASHA) does with one metric. Only accuracy
+changes with training, so speed needs no re-measuring at a rung.
 
 The rung table lives in the study: each trial records its accuracy at each rung it reaches, and
 a stopped trial its outcome and rung before Ray stops it, so a search killed at any moment
@@ -63,12 +63,12 @@ class SuccessiveHalving:
         trial.set_user_attr(RUNG_ACCURACY, reached)
         if trial.user_attrs.get(WARM_START):
             return True
-        points = [(accuracy, -trial.user_attrs["predicted_flops"])]
+        points = [(accuracy, _speed(trial))]
         for other in self.study.get_trials(deepcopy=False):
             record = other.user_attrs.get(RUNG_ACCURACY, {})
             # an interrupted trial's record would count its re-run twice
             if other.number != trial.number and str(epoch) in record and outcome_of(other) != "interrupted":
-                points.append((record[str(epoch)], -other.user_attrs["predicted_flops"]))
+                points.append((record[str(epoch)], _speed(other)))
         if survives(points, 0, self.eta):
             return True
         # written before Ray stops the trial: a search killed now resumes with it settled
@@ -99,3 +99,10 @@ class HalvingScheduler(FIFOScheduler):
                 and isinstance(accuracy, (int, float)) and math.isfinite(accuracy)):
             return TrialScheduler.CONTINUE if self.at_rung(trial.trial_id, epoch, accuracy) else TrialScheduler.STOP
         return TrialScheduler.CONTINUE
+
+
+def _speed(trial) -> float:
+    """The second objective at a rung: predicted throughput (fewer predicted FLOPs where a trial
+    has no throughput prediction)."""
+    predicted = trial.user_attrs.get("predicted_throughput")
+    return predicted if predicted is not None else -trial.user_attrs["predicted_flops"]

@@ -217,15 +217,17 @@ class Proposer:
                 == block_token_counts(b.prune, self.depth, self.patches))
 
 
-def cheapest_flops(space: SearchSpace, model: torch.nn.Module) -> float:
-    """A lower bound on the FLOPs the space can reach, before any weights exist: every option at
-    its cheapest (a mass-based SaiT config counted as if it kept a single patch token)."""
+def cheapest_cost(space: SearchSpace, model: torch.nn.Module, price: Cost | None = None) -> float:
+    """A lower bound on what the space can reach, before any weights exist: every option at its
+    cheapest, priced by `price` (FLOPs per image by default; any cost that falls as reduction
+    grows), a mass-based SaiT config counted as if it kept a single patch token."""
     patches = model.patch_embed.num_patches
+    price = price or (lambda cfg: predict_flops(model, cfg))
 
     def bound(cfg: PruneConfig) -> float:
         if cfg.adaptive:
             cfg = PruneConfig(reducer="sait", layers=cfg.layers, r=patches - 1, score=cfg.score)
-        return predict_flops(model, cfg)
+        return price(cfg)
 
     return min(bound(config) for config in Proposer(space, model, math.inf, bound).cheapest.values())
 

@@ -10,6 +10,7 @@ until the study holds the requested number of finished trials.
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import re
 import uuid
@@ -24,6 +25,7 @@ from ..config import PruneConfig
 from ..data import SyntheticOptions, load_datasets, model_data_config
 from ..distill import DistillationError, check_teacher
 from ..flops import predict_flops
+from ..latency import LatencyError, calibrate
 from ..presets import get_preset, recipes_for
 from ..progress import LiveProgress
 from ..lease import StudyLease
@@ -39,9 +41,10 @@ from .budget import BudgetError, format_flops, parse_budget
 from .calibration import Calibration
 from .execution import ray_session, run_trials, screen_pool, worker_context, worker_resources
 from .halving import HalvingScheduler, rung_epochs
-from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_flops
+from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_cost
 from .screen import ScreenError, promotion_slots, screen_and_promote, screen_study, screen_tau
 from .searcher import fine_tuning_searcher, recover_interrupted
+from .speed import Limit, SpeedModel
 from .space import Candidate, SearchSpace
 from .summary import format_front, format_stages
 from .warm_start import enqueue_warm_starts
@@ -72,6 +75,7 @@ class SearchSettings:
     screen: int = field(default_factory=lambda: get_preset("deit_small").screen)  # 0: no screening
     screen_images: int = field(default_factory=lambda: get_preset("deit_small").screen_images)
     halving: int = 0  # successive halving's eta (keep the best 1/eta at each rung); 0: off
+    serve_batch: int = 32  # batch size the throughput objective and speed budgets are predicted at
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -150,10 +154,9 @@ def search(
     if study_name.endswith(SCREEN_SUFFIX):
         raise SearchError(f"--study: {study_name!r} ends in {SCREEN_SUFFIX!r}, the name of a study's screens; "
                           "accepted: any other name")
+    if not isinstance(settings.serve_batch, int) or isinstance(settings.serve_batch, bool) or settings.serve_batch < 1:
+        raise SearchError(f"serve_batch: {settings.serve_batch!r} is invalid; accepted: a positive integer")
     budget = _parse(parse_budget, settings.budget, BudgetError)
-    if budget.speed:  # parsed and checked; feasibility from the latency predictor is not wired in yet
-        raise SearchError(f"--budget: {settings.budget!r} is a speed budget, which the search does not take yet; "
-                          "accepted here: a FLOPs budget (e.g. 2.6GFLOPs or 56%)")
     space = _parse(SearchSpace.from_file, settings.space, ValueError)
     probe = _parse(lambda: create_unweighted(settings.model.name, settings.model.kwargs), None, ModelError)
     datasets = _parse(lambda: load_datasets(settings.data, model_data_config(probe), synthetic=settings.synthetic),
@@ -167,15 +170,27 @@ def search(
     optuna_storage = _parse(open_storage, storage, StorageError)
     record = settings.to_record(space)
     dense_flops = predict_flops(probe)
-    budget_flops = budget.resolve(dense_flops)
-    floor = cheapest_flops(space, probe)
-    if budget_flops < floor:
+    # the latency table depends on the architecture, not the weights: calibrated (or read from its
+    # cache) before the baseline, so a speed budget out of reach is refused before any training
+    table = _parse(lambda: calibrate(probe, settings.serve_batch, settings.device, progress=log), None, LatencyError)
+    probe_speed = SpeedModel(probe, table, None)
+    limit = Limit.of(budget, dense_flops, lambda prune: predict_flops(probe, prune), probe_speed)
+    floor = cheapest_cost(space, probe, limit.cost)
+    if limit.limit < floor and budget.speed:
+        fastest = 1 / floor
+        raise SearchError(f"--budget: {budget} asks for more than the fastest config the search space can express "
+                          f"({fastest:.0f} img/s predicted at batch {settings.serve_batch}, "
+                          f"{fastest / probe_speed.dense:.2f}x dense); accepted: at most {fastest:.0f}img/s or "
+                          f"{math.floor(fastest / probe_speed.dense * 100) / 100:g}x")
+    if limit.limit < floor:
         raise SearchError(f"--budget: {budget} is below the cheapest config the search space can express "
-                          f"({format_flops(floor)}); accepted: at least {format_flops(floor)}")
-    log(f"study {study_name!r} in {shown_url(storage)}: {trials} trials, budget {format_flops(budget_flops)} "
-        f"({budget_flops / dense_flops:.0%} of dense {format_flops(dense_flops)}), space {settings.space}")
-    if budget_flops >= dense_flops:
-        log(f"the budget is at or above the dense model's {format_flops(dense_flops)}: searching for speed within it")
+                          f"({limit.describe(floor)}); accepted: at least {limit.describe(floor)}")
+    dense_cost = limit.cost(PruneConfig())
+    log(f"study {study_name!r} in {shown_url(storage)}: {trials} trials, budget {limit.describe(limit.limit)} "
+        f"(dense {format_flops(dense_flops)}, predicted {probe_speed.dense:.0f} img/s at batch {settings.serve_batch}), "
+        f"space {settings.space}")
+    if limit.limit >= dense_cost:
+        log(f"the budget is at or above the dense model's {limit.describe(dense_cost)}: searching for speed within it")
 
     study = optuna.create_study(storage=optuna_storage, study_name=study_name, directions=["maximize", "maximize"],
                                 load_if_exists=True)
@@ -206,16 +221,17 @@ def search(
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.set_metric_names(list(OBJECTIVES))
             study.set_user_attr(SETTINGS_ATTR, _jsonable(record))
-        study.set_user_attr(DENSE_ATTR, {key: baseline.metrics[key] for key in ("val", "flops", "throughput")})
+        study.set_user_attr(DENSE_ATTR, {**{key: baseline.metrics[key] for key in ("val", "flops", "throughput")},
+                                         "predicted_throughput": probe_speed.dense, "serve_batch": settings.serve_batch})
         log(f"dense baseline: val top-1 {baseline.metrics['val']['top1']:.2f}%, "
             f"{format_flops(baseline.metrics['flops'])}, {baseline.metrics['throughput']:.0f} img/s ({baseline.path})")
-        return _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage,
+        return _drive(settings, study, space, probe, baseline, datasets, budget, table, trials, study_name, storage,
                       address, cpus_per_trial, gpus_per_trial, concurrency, retries, running, lambda: lease.held)
     finally:
         lease.release()
 
 
-def _drive(settings, study, space, probe, baseline, datasets, budget_flops, trials, study_name, storage, address,
+def _drive(settings, study, space, probe, baseline, datasets, budget, table, trials, study_name, storage, address,
            cpus_per_trial, gpus_per_trial, concurrency, retries, running, leased) -> SearchResult:
     """Recover, warm-start, screen and promote, then fine-tune, on an opened, leased study."""
     log = running.write
@@ -227,16 +243,21 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     def flops_of(prune: PruneConfig) -> float:
         return calibration.flops(prune) if prune.adaptive else predict_flops(probe, prune)
 
-    proposer = _parse(lambda: Proposer(space, probe, budget_flops, flops_of), None, ProposalError)
+    speed = SpeedModel(baseline.model, table, calibration.images)
+    limit = Limit.of(budget, predict_flops(probe), flops_of, speed)
+    proposer = _parse(lambda: Proposer(space, probe, limit.limit, limit.cost), None, ProposalError)
     if proposer.unreachable:
         log("left out, their cheapest config is over the budget: " + ", ".join(
-            f"{' '.join(filter(None, option))} ({format_flops(cost)})" for option, cost in proposer.unreachable.items()))
+            f"{' '.join(filter(None, option))} ({limit.describe(cost)})" for option, cost in proposer.unreachable.items()))
 
     def warm_start(target: optuna.Study) -> list[str]:
         return enqueue_warm_starts(target, proposer)
 
-    def candidate_flops(candidate: Candidate) -> float:
-        return flops_of(candidate.prune)
+    def candidate_cost(candidate: Candidate) -> float:
+        return limit.cost(candidate.prune)
+
+    def candidate_throughput(candidate: Candidate) -> float:
+        return speed.throughput(candidate.prune)
 
     if not study.user_attrs.get(WARM_STARTED_ATTR):
         enqueued = warm_start(study)
@@ -256,12 +277,12 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
                 warm = {t.user_attrs[WARM_START] for t in study.get_trials(deepcopy=False) if WARM_START in t.user_attrs}
                 screening = screen_and_promote(
                     study, settings.screen, promotion_slots(trials, len(warm)), settings.seed, proposer.propose,
-                    candidate_flops, budget_flops, baseline.metrics, warm_start,
+                    candidate_cost, limit.limit, limit.name, speed, warm_start,
                     lambda: screen_pool(context, resources, concurrency), log, leased)
                 if screening is not None and screening.stopped:
                     raise SearchError(f"screening stopped: {screening.stopped}")
-            searcher = fine_tuning_searcher(settings, study, proposer.propose, candidate_flops, budget_flops, trials,
-                                            done, log, leased, running)
+            searcher = fine_tuning_searcher(settings, study, proposer.propose, candidate_cost, limit, candidate_throughput,
+                                            trials, done, log, leased, running)
             scheduler = HalvingScheduler(searcher.halving.rungs, searcher.at_rung) if searcher.halving else None
             run_trials(searcher, context, resources, concurrency, retries, scheduler, home)
         log(f"over budget {searcher.infeasible}/{searcher.proposed} proposals (caught by the budget check, never trained)")
@@ -270,7 +291,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget_flops, tria
     if settings.screen:
         study.set_user_attr(SCREEN_TAU_ATTR, screen_tau(study).to_dict())
     front = pareto_front(study)
-    log(format_front(front, baseline.metrics))
+    log(format_front(front, study.user_attrs[DENSE_ATTR]))
     log(format_stages(study, settings.recipe.epochs, settings.screen_images))
     log(f"study {study_name!r} lives in {shown_url(storage)}")
     infeasible = infeasible_count(study)

@@ -41,7 +41,14 @@ SCREEN_BATCH = 4         # configs per actor call: small, so the sampler sees re
 PROMOTED_SHARE = 0.5     # of the fine-tunes left after the warm starts; the sampler proposes the rest
 REDUCER_QUOTA = 0.5      # no reducer takes more than this share of the promoted slots
 RELIABLE_TAU, MIN_PAIRS = 0.3, 8
-THROUGHPUT_NOTE = "screen throughput = FLOPs ratio x the dense baseline's measured throughput (an estimate)"
+THROUGHPUT_NOTE = "screen throughput predicted from the calibrated latency table"
+
+
+class Speed(Protocol):
+    """What screening needs of `speed.SpeedModel`: predicted images/s of a config and its ratio to dense."""
+
+    def throughput(self, prune) -> float: ...
+    def speedup(self, prune) -> float: ...
 
 
 class ScreenError(ValueError):
@@ -98,9 +105,10 @@ def screen_and_promote(
     slots: int,
     seed: int,
     propose: Callable[[optuna.Trial], Candidate],
-    flops_of: Callable[[Candidate], float],
+    cost_of: Callable[[Candidate], float],
     budget: float,
-    dense: dict[str, Any],
+    constraint: str,
+    speed: Speed,
     warm_start: Callable[[optuna.Study], list[str]],
     open_pool: Callable[[], Any],
     log: Callable[[str], None] = print,
@@ -126,7 +134,8 @@ def screen_and_promote(
         screen.sampler = screen_sampler(SCREEN_SAMPLER, (seed + len(screen.trials)) % 2**32, target)
         log(f"screening {target - run.screened} configs off the shelf ({run.screened} done before; {THROUGHPUT_NOTE})")
         with open_pool() as pool:
-            run = run_screening(screen, propose, flops_of, budget, dense, target, pool, SCREEN_BATCH, log, leased)
+            run = run_screening(screen, propose, cost_of, budget, constraint, speed, target, pool, SCREEN_BATCH,
+                                log, leased)
         if run.stopped:
             return run
     promoted = promote(study, screen, slots)
@@ -151,9 +160,10 @@ class ScreenRun:
 def run_screening(
     screen: optuna.Study,
     propose: Callable[[optuna.Trial], Candidate],
-    flops_of: Callable[[Candidate], float],
+    cost_of: Callable[[Candidate], float],
     budget: float,
-    dense: dict[str, Any],
+    constraint: str,
+    speed: Speed,
     target: int,
     pool: Pool,
     batch: int,
@@ -162,8 +172,9 @@ def run_screening(
     max_proposals: int = 500,
 ) -> ScreenRun:
     """Screen until `screen` holds `target` finished screens. The driver proposes (queued trials
-    first: re-runs, warm starts), checks the budget, hands batches of configs to `pool` and records
-    every result; a config over budget is recorded infeasible and never evaluated."""
+    first: re-runs, warm starts), checks the budget (`cost_of` against `budget`, recorded as the
+    `constraint`), hands batches of configs to `pool` and records every result with `speed`'s
+    predicted throughput; a config over budget is recorded infeasible and never evaluated."""
     run = ScreenRun(screened=finished_count(screen))
     live: dict[int, tuple[optuna.Trial, float]] = {}
     in_a_row = 0  # proposals over budget since the last one within
@@ -177,21 +188,22 @@ def run_screening(
                 trial = next_trial(screen)
                 try:
                     candidate = propose(trial)
-                    flops = flops_of(candidate)
+                    cost = cost_of(candidate)
                 except Exception as error:  # a proposal that cannot be built ends FAIL, as a fine-tune's does
                     end_trial(screen, trial, "failed", reason=f"the proposal could not be built: {failure_text(error)}")
                     run.screened += 1
                     continue
                 run.proposed += 1
-                if flops > budget:
+                if cost > budget:
                     run.infeasible += 1
                     in_a_row += 1
-                    record_infeasible(screen, trial, candidate, flops, budget)
+                    record_infeasible(screen, trial, candidate, cost, budget, constraint)
                     continue
                 in_a_row = 0
                 trial.set_user_attr("prune_config", candidate.prune.to_dict())
-                trial.set_user_attr("predicted_flops", flops)
-                live[trial.number] = (trial, flops)
+                trial.set_user_attr(f"predicted_{constraint}", cost)
+                trial.set_constraint(constraint, cost / budget - 1)
+                live[trial.number] = (trial, candidate)
                 jobs.append((trial.number, candidate.prune.to_dict()))
             if in_a_row >= max_proposals:
                 run.stopped = (f"no config within budget among {max_proposals} proposals in a row; "
@@ -202,8 +214,8 @@ def run_screening(
         if not pool.has_next():
             break
         for number, result in pool.get_next_unordered():
-            trial, flops = live.pop(number)
-            _record(screen, trial, flops, budget, dense, result)
+            trial, candidate = live.pop(number)
+            _record(screen, trial, speed.throughput(candidate.prune), speed.speedup(candidate.prune), result)
             run.screened += 1
             run.screened_here += 1
         _progress(screen, run, target, log)
@@ -211,14 +223,12 @@ def run_screening(
     return run
 
 
-def _record(screen: optuna.Study, trial: optuna.Trial, flops: float, budget: float, dense: dict[str, Any],
+def _record(screen: optuna.Study, trial: optuna.Trial, throughput: float, speedup: float,
             result: dict[str, Any]) -> None:
     """A screen's result, outcome last (as fine-tunes record theirs: a kill in between is recovered)."""
     if FAILED in result:
         end_trial(screen, trial, "failed", reason=result[FAILED])
         return
-    speedup = dense["flops"] / flops
-    throughput = dense["throughput"] * speedup
     values = [result["top1"], throughput]
     if not all(math.isfinite(v) for v in values):
         end_trial(screen, trial, "failed", reason=f"non-finite screen result: top-1 {values[0]}, throughput {values[1]}")
@@ -226,7 +236,6 @@ def _record(screen: optuna.Study, trial: optuna.Trial, flops: float, budget: flo
     for key, value in (("accuracy", values[0]), ("loss", result["loss"]), ("throughput", throughput),
                        ("speedup", speedup), ("seconds", result["seconds"])):
         trial.set_user_attr(key, value)
-    trial.set_constraint("flops", flops / budget - 1)
     end_trial(screen, trial, "complete", values=values)
 
 

@@ -109,13 +109,14 @@ def next_trial(study: optuna.Study) -> optuna.Trial:
     return study.ask()
 
 
-def record_infeasible(study: optuna.Study, trial: optuna.Trial, candidate: Candidate, flops: float,
-                      budget: float) -> None:
-    """A proposal over budget ends PRUNED with a positive FLOPs constraint, never trained: TPE
-    reads that constraint and learns where the budget ends."""
+def record_infeasible(study: optuna.Study, trial: optuna.Trial, candidate: Candidate, cost: float,
+                      budget: float, constraint: str = "flops") -> None:
+    """A proposal over budget ends PRUNED with a positive constraint (`flops`, or `seconds` per
+    image for a speed budget), never trained: TPE reads that constraint and learns where the
+    budget ends."""
     trial.set_user_attr("prune_config", candidate.prune.to_dict())
-    trial.set_user_attr("predicted_flops", flops)
-    trial.set_constraint("flops", flops / budget - 1)
+    trial.set_user_attr(f"predicted_{constraint}", cost)
+    trial.set_constraint(constraint, cost / budget - 1)
     end_trial(study, trial, "infeasible")
 
 
@@ -154,11 +155,14 @@ class StudySearcher(Searcher):
         max_proposals: int = 500,
         leased: Callable[[], bool] = lambda: True,  # False once another search took the study over
         halving: SuccessiveHalving | None = None,
+        constraint: str = "flops",  # what `budget` and `flops_of` count: flops, or seconds per image
+        throughput_of: Callable[[Candidate], float] | None = None,  # predicted img/s; None: the measured
     ) -> None:
         # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
         super().__init__(metric=None, mode=None)
         self.study, self.propose, self.budget = study, propose, budget
         self.flops_of, self.train_config = flops_of, train_config
+        self.constraint, self.throughput_of = constraint, throughput_of
         self.target, self.progress, self.max_proposals = target, progress, max_proposals
         self.leased, self.halving = leased, halving
         self.live: dict[str, optuna.Trial] = {}
@@ -184,6 +188,7 @@ class StudySearcher(Searcher):
             try:
                 candidate = self.propose(trial)
                 flops = self.flops_of(candidate)
+                predicted = self.throughput_of(candidate) if self.throughput_of else None
                 train_config = self.train_config(candidate, trial.number)
             except Exception as error:  # a proposal that cannot be built ends FAIL; the search goes on
                 reason = f"the proposal could not be built: {failure_text(error)}"
@@ -194,13 +199,15 @@ class StudySearcher(Searcher):
             if flops <= self.budget:
                 break
             self.infeasible += 1
-            record_infeasible(self.study, trial, candidate, flops, self.budget)
+            record_infeasible(self.study, trial, candidate, flops, self.budget, self.constraint)
         else:
             self.exhausted = (f"no config within budget among {self.max_proposals} proposals in a row; "
                               "the space barely reaches the budget: raise it or widen the space")
             return Searcher.FINISHED if not self.live else None
         trial.set_user_attr("prune_config", candidate.prune.to_dict())
-        trial.set_user_attr("predicted_flops", flops)
+        trial.set_user_attr(f"predicted_{self.constraint}", flops)
+        if predicted is not None:
+            trial.set_user_attr("predicted_throughput", predicted)
         trial.set_user_attr("ray_trial_id", trial_id)
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
@@ -247,6 +254,9 @@ class StudySearcher(Searcher):
             self.progress.line(self.study, trial.number, f"{label} stopped at {where}", counts=False)
             return
         values = [result.get(name) for name in OBJECTIVES]
+        predicted = trial.user_attrs.get("predicted_throughput")
+        if predicted is not None:  # deterministic: the front is not ranked by timing noise
+            values[1] = predicted
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
             self._fail(trial, f"non-finite or missing objectives: accuracy={values[0]}, throughput={values[1]}")
             self.progress.line(self.study, trial.number, f"{label} FAILED (bad metrics)")
@@ -255,10 +265,14 @@ class StudySearcher(Searcher):
                     "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id",
                     SCREEN_ACCURACY):
             trial.set_user_attr(key, result.get(key))
-        trial.set_constraint("flops", result["flops"] / self.budget - 1)
+        if predicted is not None and isinstance(result.get("throughput"), (int, float)):
+            trial.set_user_attr("throughput_error", result["throughput"] / predicted - 1)
+        cost = result["flops"] if self.constraint == "flops" else trial.user_attrs[f"predicted_{self.constraint}"]
+        trial.set_constraint(self.constraint, cost / self.budget - 1)
         self._end(trial, "complete", values=values)
         self.progress.line(self.study, trial.number,
-                           f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {result['speedup']:.2f}x")
+                           f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {values[1]:.0f} img/s"
+                           f"{' predicted' if predicted is not None else ''} ({result['speedup']:.2f}x measured)")
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
         self._end(trial, "failed", reason=reason)
@@ -277,13 +291,14 @@ def _label(trial) -> str:
     return PruneConfig.from_dict(trial.user_attrs["prune_config"]).describe()
 
 
-def fine_tuning_searcher(settings, study, propose, flops_of, budget_flops, trials, done, log, leased,
+def fine_tuning_searcher(settings, study, propose, cost_of, limit, throughput_of, trials, done, log, leased,
                          running: LiveProgress | None = None) -> StudySearcher:
-    """The searcher of a search's fine-tuning stage (`settings` a `SearchSettings`), its sampler
-    (TPE, or random for comparisons) seeded by the study's size (a resumed search does not replay
-    its first proposals). The sampler learns from fine-tuned trials only: screens stay in their
-    own study, as off-the-shelf accuracy is not on the scale of fine-tuned accuracy; what the
-    screen knows reaches it through the promoted configs, which it sees fine-tuned."""
+    """The searcher of a search's fine-tuning stage (`settings` a `SearchSettings`, `limit` a
+    `speed.Limit`), its sampler (TPE, or random for comparisons) seeded by the study's size (a
+    resumed search does not replay its first proposals). The sampler learns from fine-tuned trials
+    only: screens stay in their own study, as off-the-shelf accuracy is not on the scale of
+    fine-tuned accuracy; what the screen knows reaches it through the promoted configs, which it
+    sees fine-tuned."""
     seed = (settings.seed + len(study.trials)) % (MAX_SEED + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -291,8 +306,9 @@ def fine_tuning_searcher(settings, study, propose, flops_of, budget_flops, trial
             optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
                                        n_startup_trials=min(10, max(4, trials // 4)))
     return StudySearcher(
-        study, propose, budget_flops, flops_of,
+        study, propose, limit.limit, cost_of,
         train_config=lambda c, number: dataclasses.replace(
             settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
         target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased,
-        halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None)
+        halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None,
+        constraint=limit.name, throughput_of=throughput_of)

@@ -15,19 +15,25 @@ from .screen import THROUGHPUT_NOTE, screen_tau
 
 
 def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -> str:
+    """The front as printed: img/s is the objective (predicted from the latency table), measured
+    img/s the trial's own timing (studies from before prediction: both the timing)."""
+    predicted_dense = dense.get("predicted_throughput", dense["throughput"])
     lines = ["Pareto front (accuracy vs throughput, within budget):",
-             f"{'trial':>5}  {'config':<44} {'top-1':>7} {'GFLOPs':>7} {'img/s':>8} {'speedup':>7}",
+             f"{'trial':>5}  {'config':<44} {'top-1':>7} {'GFLOPs':>7} {'img/s':>8} {'speedup':>7} {'measured':>9}",
              f"{'dense':>5}  {'':<44} {dense['val']['top1']:>6.2f}% {dense['flops'] / 1e9:>7.3f} "
-             f"{dense['throughput']:>8.0f} {'1.00x':>7}"]
+             f"{predicted_dense:>8.0f} {'1.00x':>7} {dense['throughput']:>9.0f}"]
     for trial in front:
         attrs = trial.user_attrs
         label = PruneConfig.from_dict(attrs["prune_config"]).describe()
         if attrs.get(WARM_START):
             label += f" [{attrs[WARM_START]}]"
         lines.append(f"{trial.number:>5}  {label[:44]:<44} {trial.values[0]:>6.2f}% {attrs['flops'] / 1e9:>7.3f} "
-                     f"{trial.values[1]:>8.0f} {attrs['speedup']:>6.2f}x")
+                     f"{trial.values[1]:>8.0f} {trial.values[1] / predicted_dense:>6.2f}x {attrs['throughput']:>9.0f}")
     if not front:
         lines.append("  (no finished trial within budget yet)")
+    elif "predicted_throughput" in dense:
+        lines.append(f"  img/s and speedup predicted at batch {dense.get('serve_batch')} from the latency table; "
+                     "measured: each trial's own timing")
     return "\n".join(lines)
 
 

@@ -65,7 +65,8 @@ def run_search_trial(config: dict[str, Any], context: dict[str, Any]) -> None:
 
         checkpoint = Path(context["checkpoints"]) / f"trial_{config['trial_number']}.pt"
         result = run_trial(baseline, datasets, prune, recipe, teacher=teacher, on_epoch=on_epoch,
-                           save_to=checkpoint, throughput_rounds=context.get("throughput_rounds", 5))
+                           save_to=checkpoint, throughput_rounds=context.get("throughput_rounds", 5),
+                           throughput_batch=context["serve_batch"])
     except TrainingFailed as error:
         tune.report({FAILED: str(error)})
         return
