@@ -98,7 +98,14 @@ class Proposer:
         settings = {name: spec[(reducer, name)].suggest(trial, f"{reducer}.{name}") for name in SETTINGS.get(reducer, ())}
         # a share given as cost / limit (params_for) must not round below that cost; never above the limit
         target = min(self.limit, share * self.limit * (1 + 1e-9))
-        solution = solve(self._fitted((reducer, mode), layers, shape, settings, target), self.cost, target)
+        family = self._fitted((reducer, mode), layers, shape, settings, target)
+        solution = solve(family, self.cost, target)
+        if solution.cost > self.limit:
+            # only a cost that is not monotone in the reduction gets here (predicted time: a
+            # reducer's own work, or a setting such as BAT's knn, can outweigh the tokens it
+            # removes); the option's cheapest config is within the budget by construction
+            cheapest = self.cheapest[(reducer, mode)]
+            solution = Solution(cheapest, self.cost(cheapest), target, family.high)
         distill, beta = self._distill(trial, reducer)
         lr_spec = spec.get(("train", "lr"))
         return Candidate(prune=solution.config, distill=distill, beta=beta,

@@ -88,7 +88,7 @@ class ScreenWorker:
     def __init__(self, context: dict[str, Any]) -> None:
         if context.get("threads"):
             torch.set_num_threads(context["threads"])
-        datasets, baseline = _prepare(context)
+        datasets, baseline, _ = _prepare(context)
         self.model = baseline.fresh_copy().eval()  # one working copy, re-patched per config
         self.subset = screen_subset(datasets.val, context["screen_images"], context["screen_seed"])
         self.batch_size = context["batch_size"]
