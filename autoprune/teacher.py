@@ -9,13 +9,14 @@ only runs where the classes match (`distill.check_teacher`).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import timm
 from torch import nn
+
+from .digest import file_sha256
 
 
 class TeacherError(ValueError):
@@ -89,10 +90,7 @@ def _first_line(error: Exception) -> str:
 
 
 def _digest(path: Path) -> str:
-    if not path.is_file():
+    digest = file_sha256(path)
+    if digest is None:
         raise TeacherError(f"--teacher-checkpoint: {str(path)!r} does not exist (expected a timm/PyTorch weights file)")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return digest

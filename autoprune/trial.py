@@ -29,6 +29,7 @@ from . import __version__
 from .bench import time_interleaved
 from .config import PruneConfig
 from .data import Datasets, SyntheticOptions, make_loader
+from .digest import file_sha256
 from .flops import count_flops
 from .patch import apply, set_strength
 from .progress import LiveProgress
@@ -311,13 +312,10 @@ def _data_identity(data: str) -> dict[str, Any]:
 
 
 def _file_digest(path: Path) -> str:
-    if not path.is_file():
+    digest = file_sha256(path)
+    if digest is None:
         raise BaselineError(f"checkpoint {str(path)!r} does not exist (expected a timm/PyTorch weights file)")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return digest
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
