@@ -12,8 +12,8 @@ fine-tunes (`--trials`) of the same recipe, so every search arm spends the same 
 - tpe: TPE in the budget-exact space (this version's search).
 - legacy: TPE in the previous parameterisation (per-layer amounts sampled, proposals over budget
   screened out), run from the tree of commit b7cbe16 (`git archive`) in a subprocess.
-- pipeline: the full pipeline (screening, successive halving); skipped until this version has them
-  (see `pipeline_settings`).
+- pipeline: the full pipeline: TPE with off-the-shelf screening (the preset's 64 configs on 256
+  val images) and successive halving at eta 2 (`pipeline_settings`); the other arms have neither.
 
 Per arm and seed: the val-chosen best config within budget and its TEST top-1, with a paired
 bootstrap 95 % interval of its difference to the best hand-designed config on the same test
@@ -48,8 +48,9 @@ from autoprune import PruneConfig, apply, predict_flops
 from autoprune.data import load_datasets, make_loader, model_data_config
 from autoprune.search import Proposer, SearchSettings, SearchSpace, search
 from autoprune.search.calibration import Calibration
+from autoprune.search.summary import companion_screen
 from autoprune.study import within_budget
-from autoprune.study_attrs import OUTCOME, WARM_START
+from autoprune.study_attrs import OUTCOME, SCREEN_TAU_ATTR, WARM_START
 from autoprune.train import evaluate
 from autoprune.trial import create_unweighted, dense_baseline
 
@@ -68,10 +69,11 @@ REFERENCE_DROP = 10.0  # hypervolume reference: this many points below the dense
 BOOTSTRAP = 2000
 
 
-def pipeline_settings(settings: SearchSettings) -> SearchSettings | None:
-    """The full pipeline's settings (screening and successive halving on top of tpe), or None while
-    this version lacks those stages. Hook: enable them here once `SearchSettings` has them."""
-    return None
+def pipeline_settings(settings: SearchSettings) -> SearchSettings:
+    """The full pipeline: off-the-shelf screening (the preset's count and images) and successive
+    halving at eta 2 on top of TPE; the other arms run without either."""
+    preset = SearchSettings.from_preset("quickstart", budget=settings.budget)
+    return dataclasses.replace(settings, screen=preset.screen, screen_images=preset.screen_images, halving=2)
 
 
 def main() -> None:
@@ -126,11 +128,9 @@ def run_arm(arm: str, settings: SearchSettings, trials: int, storage_dir: Path) 
     if arm == "legacy":
         run_legacy(settings, trials, name, storage)
     else:
-        chosen = {"random": dataclasses.replace(settings, sampler="random"), "tpe": settings,
+        plain = dataclasses.replace(settings, screen=0, halving=0)
+        chosen = {"random": dataclasses.replace(plain, sampler="random"), "tpe": plain,
                   "pipeline": pipeline_settings(settings)}[arm]
-        if chosen is None:
-            print(f"{arm}: not in this version, skipped", flush=True)
-            return None
         search(chosen, trials=trials, study_name=name, storage=storage, log=lambda line: print(f"[{arm}] {line}", flush=True))
     return optuna.load_study(study_name=name, storage=storage)
 
@@ -170,15 +170,22 @@ def measure_seed(seed: int, studies: dict[str, optuna.Study], baseline, datasets
                                        (dense_test - REFERENCE_DROP, 1.0)),
             "cpu_hours": seconds * (os.cpu_count() or 1) / 3600, "fine_tunes": len(trials),
             "over": f"{over}/{len(proposals)}" if study else "–",
-            # written by the screening stage, where this version has one
-            "screen_seconds": study.user_attrs.get("autoprune:screen_seconds") if study else None,
-            "kendall_tau": study.user_attrs.get("autoprune:kendall_tau") if study else None,
+            # the pipeline's screening: compute time of its screens, and how well they ranked the fine-tunes
+            "screen_seconds": screen_seconds(study) if study else None,
+            "kendall_tau": (study.user_attrs.get(SCREEN_TAU_ATTR) or {}).get("tau") if study else None,
         })
     hand = rows[0] if rows and rows[0]["arm"] == "hand" else None
     for row in rows:
         row["difference"] = (paired_bootstrap(row["correct"], hand["correct"], seed)
                              if hand is not None and row["correct"] is not None and hand["correct"] is not None else None)
     return rows
+
+
+def screen_seconds(study: optuna.Study) -> float | None:
+    screen = companion_screen(study)
+    if screen is None:
+        return None
+    return sum(t.user_attrs.get("seconds") or 0.0 for t in screen.trials)
 
 
 def test_predictions(trial, baseline, datasets) -> np.ndarray | None:
