@@ -18,6 +18,9 @@ from .storage import open_storage, shown_url
 from .study_attrs import OUTCOME, SCREEN_SUFFIX, SETTINGS_ATTR
 
 OBJECTIVES = ("accuracy", "throughput")  # both maximised, in this order
+# the user attributes holding a complete trial's objective values (throughput: predicted from the
+# latency table; a fine-tune's measured timing is its `throughput` attribute, beside it)
+OBJECTIVE_ATTRS = ("accuracy", "predicted_throughput")
 # what `--trials` counts: fine-tunes that ran to their end (a trial successive halving stopped at
 # a lower rung did not; a failure counts, so that a space whose trials all fail still ends)
 FINISHED_OUTCOMES = ("complete", "failed")

@@ -49,6 +49,31 @@ def images() -> torch.Tensor:
     return batch
 
 
+@pytest.fixture
+def one_thread():
+    """Timing tiny models: one thread avoids waiting on a busy machine's second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ppt_score_spreads(model, images: torch.Tensor) -> torch.Tensor:
+    """Per image, the squared coefficient of variation of the scores PPT compares with tau (cv2
+    form) at `model`'s first reducing block, as the patched forward computes them."""
+    from autoprune.reducers import token_scores
+
+    block = next(b for b in model.blocks if hasattr(b, "reducer"))
+    captured = {}
+    hook = block.reducer.register_forward_hook(lambda mod, args, out: captured.update(args=args))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    tokens, q, k, v, scale, bias, probs = captured["args"]
+    scores = token_scores("cls_vnorm", tokens.prefix, q, k, v, scale, bias, probs)
+    return scores.var(dim=1) * scores.shape[1] ** 2
+
+
 # -- CI: a skipped test fails the run ----------------------------------------------------------------
 # A test skips when a part it needs is missing (Chromium, PostgreSQL, a driver). Locally that is a
 # choice; in CI it would hide the part going untested, so there every skip fails the run.

@@ -114,15 +114,6 @@ TINY_KINDS = (PruneConfig(reducer="tome", layers=(0,), r=1), PruneConfig(reducer
               PruneConfig(reducer="sait", layers=(0,), mass_threshold=0.5))
 
 
-@pytest.fixture
-def one_thread():
-    """Timing tiny models: one thread avoids waiting on a busy machine's second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_calibration(model, tmp_path, batch_size=2, **options):
     return calibrate(model, batch_size, grid=[1, 16, 64], rounds=1, kinds=TINY_KINDS, cache_dir=tmp_path, **options)
 

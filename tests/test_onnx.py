@@ -16,8 +16,7 @@ import autoprune  # noqa: E402
 from autoprune import PruneConfig, apply, export_onnx  # noqa: E402
 from autoprune.cli import main  # noqa: E402
 from autoprune.onnx_export import INPUT, OPSET, OUTPUT, TOLERANCE, OnnxExportError, onnxruntime_session  # noqa: E402
-from autoprune.reducers import token_scores  # noqa: E402
-from conftest import make_model  # noqa: E402
+from conftest import make_model, ppt_score_spreads  # noqa: E402
 
 CONFIGS = {
     "evit": PruneConfig(reducer="evit", layers=(1, 2), keep_rate=0.6),
@@ -64,14 +63,7 @@ def test_mass_based_sait_exports_its_per_image_counts(images, tmp_path):
 
 def test_ppt_exports_a_batch_that_pools_some_images_and_prunes_others(images, tmp_path):
     model = apply(make_model(), PruneConfig(reducer="ppt", layers=(1,), r=10, tau=0.0, tau_mode="cv2"))
-    captured = {}
-    hook = model.blocks[1].reducer.register_forward_hook(lambda mod, args, out: captured.update(args=args))
-    with torch.no_grad():
-        model(images)
-    hook.remove()
-    tokens, q, k, v, scale, bias, probs = captured["args"]
-    scores = token_scores("cls_vnorm", tokens.prefix, q, k, v, scale, bias, probs)
-    middle = (scores.var(dim=1) * scores.shape[1] ** 2).sort().values[1:3]
+    middle = ppt_score_spreads(model, images).sort().values[1:3]
     tau = float(middle.mean())  # halfway between two images: no image sits on the threshold
     apply(model, PruneConfig(reducer="ppt", layers=(1,), r=10, tau=tau, tau_mode="cv2"))
     with torch.no_grad():

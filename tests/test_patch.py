@@ -5,9 +5,8 @@ import torch
 
 from autoprune import ConfigError, PruneConfig, apply, remove
 from autoprune.patch import TokenReducer, set_strength
-from autoprune.reducers import token_scores
 from autoprune.schedule import block_token_counts
-from conftest import VARIANTS, make_model
+from conftest import VARIANTS, make_model, ppt_score_spreads
 
 
 def configs_for(variant: str, full: bool) -> list[PruneConfig]:
@@ -111,14 +110,7 @@ def test_ppt_mixes_policies_within_a_batch(images):
     """With tau at the median of the images' score spreads, some images pool and the others
     prune; merged sizes show which branch each image took."""
     model = apply(make_model(), PruneConfig(reducer="ppt", layers=(1,), r=10, tau=0.0, tau_mode="cv2"))
-    captured = {}
-    hook = model.blocks[1].reducer.register_forward_hook(lambda mod, args, out: captured.update(args=args))
-    with torch.no_grad():
-        model(images)
-    hook.remove()
-    tokens, q, k, v, scale, bias, probs = captured["args"]
-    scores = token_scores("cls_vnorm", tokens.prefix, q, k, v, scale, bias, probs)
-    cv2 = scores.var(dim=1) * scores.shape[1] ** 2
+    cv2 = ppt_score_spreads(model, images)
     tau = float(cv2.median())
     apply(model, PruneConfig(reducer="ppt", layers=(1,), r=10, tau=tau, tau_mode="cv2"))
     with torch.no_grad():

@@ -102,9 +102,9 @@ def test_survival_is_the_best_1_over_eta_by_pareto_order():
     assert survives([(10, -1.0)], 0, 3)  # the first trial at a rung has nobody to lose to
 
 
-def _running_trial(study, flops: float, **attrs):
+def _running_trial(study, throughput: float, **attrs):
     trial = study.ask()
-    trial.set_user_attr("predicted_flops", flops)
+    trial.set_user_attr("predicted_throughput", throughput)
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
     return trial
@@ -113,7 +113,7 @@ def _running_trial(study, flops: float, **attrs):
 def test_halving_records_every_rung_and_writes_the_outcome_before_stopping():
     study = optuna.create_study(directions=["maximize", "maximize"])
     halving = SuccessiveHalving(study, epochs=4, eta=2)  # rungs at epochs 1 and 2
-    first, second, third = (_running_trial(study, 1e9) for _ in range(3))
+    first, second, third = (_running_trial(study, 100.0) for _ in range(3))
     assert halving.decide(first, 1, 80.0)
     assert not halving.decide(second, 1, 70.0)  # 2 at the rung, 1 goes on: the better one
     frozen = study.trials[second.number]
@@ -128,14 +128,14 @@ def test_halving_records_every_rung_and_writes_the_outcome_before_stopping():
 def test_halving_never_stops_a_warm_start_and_ignores_interrupted_records():
     study = optuna.create_study(directions=["maximize", "maximize"])
     halving = SuccessiveHalving(study, epochs=2, eta=2)
-    best = _running_trial(study, 1e9)
+    best = _running_trial(study, 100.0)
     assert halving.decide(best, 1, 90.0)
-    warm = _running_trial(study, 1e9, **{WARM_START: "evit 0.7"})
+    warm = _running_trial(study, 100.0, **{WARM_START: "evit 0.7"})
     assert halving.decide(warm, 1, 10.0) and OUTCOME not in study.trials[warm.number].user_attrs
-    ghost = _running_trial(study, 1e9, **{RUNG_ACCURACY: {"1": 99.0}, OUTCOME: "interrupted"})
+    ghost = _running_trial(study, 100.0, **{RUNG_ACCURACY: {"1": 99.0}, OUTCOME: "interrupted"})
     assert ghost.number == 2
     # peers at the rung: 90 and the warm start's 10 (not the interrupted 99): 60 is second of 3
-    assert halving.decide(_running_trial(study, 1e9), 1, 60.0)
+    assert halving.decide(_running_trial(study, 100.0), 1, 60.0)
 
 
 # -- screening ---------------------------------------------------------------------------------------

@@ -223,8 +223,8 @@ def test_a_trial_the_halving_scheduler_stops_ends_pruned_at_its_rung_and_does_no
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     lines = []
     searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=trial.suggest_int("r", 1, 4))),
-                             budget=1e12,
-                             flops_of=lambda candidate: 1e9, train_config=lambda candidate, number: {}, target=2,
+                             budget=1e12, flops_of=lambda candidate: 1e9, throughput_of=lambda candidate: 100.0,
+                             train_config=lambda candidate, number: {}, target=2,
                              progress=Progress(total=2, done_before=0, write=lines.append),
                              halving=SuccessiveHalving(study, epochs=2, eta=2))
     scheduler = HalvingScheduler(searcher.halving.rungs, searcher.at_rung)
@@ -488,7 +488,8 @@ def test_recovery_settles_trials_killed_between_outcome_and_state(tmp_path):
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     states = optuna.trial.TrialState
     written = {
-        "complete": {"accuracy": 91.5, "throughput": 1200.0, OUTCOME: "complete"},
+        # the objective is the predicted throughput, never the measured timing beside it
+        "complete": {"accuracy": 91.5, "predicted_throughput": 1200.0, "throughput": 1300.0, OUTCOME: "complete"},
         "failed": {REASON: "loss became nan", OUTCOME: "failed"},
         "stopped": {REASON: "stopped early after epoch 1", OUTCOME: "stopped"},
         "infeasible": {OUTCOME: "infeasible"},
@@ -526,7 +527,7 @@ def test_a_proposal_that_cannot_be_built_ends_fail_and_the_search_goes_on(tmp_pa
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     lines = []
     searcher = StudySearcher(study, propose, budget=1e9, flops_of=lambda candidate: 1.0,
-                             train_config=lambda candidate, number: {}, target=2,
+                             throughput_of=lambda candidate: 100.0, train_config=lambda candidate, number: {}, target=2,
                              progress=Progress(total=2, done_before=0, write=lines.append))
     assert searcher.suggest("a") is None and searcher.suggest("b") is None
     assert searcher.suggest("c") == searcher.FINISHED  # two finished (failed) trials reach the target
@@ -545,7 +546,8 @@ def test_the_safety_net_screens_out_a_proposal_over_budget_and_counts_it(tmp_pat
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     amounts = iter([4, 3, 1])
     searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=next(amounts))),
-                             budget=2.5, flops_of=lambda candidate: candidate.prune.r, target=1,
+                             budget=2.5, flops_of=lambda candidate: candidate.prune.r,
+                             throughput_of=lambda candidate: 100.0, target=1,
                              train_config=lambda candidate, number: {},
                              progress=Progress(total=1, done_before=0, write=lambda line: None))
     assert searcher.suggest("a")["prune_config"]["r"] == 1
@@ -563,8 +565,8 @@ def test_a_search_that_lost_its_lease_stops_proposing_and_never_crashes_on_a_set
     study = optuna.create_study(storage=storage_url(tmp_path), directions=["maximize", "maximize"])
     held, lines = [True], []
     searcher = StudySearcher(study, lambda trial: Candidate(PruneConfig(reducer="tome", r=trial.suggest_int("r", 1, 4))),
-                             budget=1e9, flops_of=lambda candidate: 1.0, train_config=lambda candidate, number: {},
-                             target=3, progress=Progress(total=3, done_before=0, write=lines.append),
+                             budget=1e9, flops_of=lambda candidate: 1.0, throughput_of=lambda candidate: 100.0,
+                             train_config=lambda candidate, number: {}, target=3, progress=Progress(total=3, done_before=0, write=lines.append),
                              leased=lambda: held[0])
     assert searcher.suggest("a")["trial_number"] == 0
     held[0] = False  # another search takes over and settles the running trial

@@ -15,14 +15,6 @@ TINY = ["--model", "vit_tiny_patch16_224",
         "--model-kwargs", "img_size=32,patch_size=8,depth=2,embed_dim=32,num_heads=2"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("text, speedup, rate", [
     ("2x", 2.0, None), ("1.5X", 1.5, None), (" 3 x", 3.0, None), ("0.8x", 0.8, None),
     ("1500img/s", None, 1500.0), ("1500 img/s", None, 1500.0), ("2.5e3 images/s", None, 2500.0),
@@ -156,3 +148,24 @@ def test_bench_reports_each_config_over_its_floor(capsys, one_thread):
                  "--warmup", "0"]) == 0
     out = capsys.readouterr().out
     assert "| over floor |" in out and "| tome r=2 @all [floor] |" in out
+
+
+def test_the_search_speed_model_prices_mass_sait_from_the_calibration_scores(tmp_path, images, one_thread):
+    """No forward pass per threshold: the counts the FLOPs calibration holds give the same
+    prediction as running the reduced model on the same images."""
+    from autoprune import calibrate, predict_throughput
+    from autoprune.search.calibration import Calibration
+    from autoprune.search.speed import SpeedModel
+    from conftest import make_model
+
+    model = make_model()
+    kinds = (PruneConfig(reducer="sait", layers=(0,), mass_threshold=0.5),
+             PruneConfig(reducer="ppt", layers=(0,), r=1))
+    table = calibrate(model, 4, grid=[1, 16, 64], rounds=1, kinds=kinds, cache_dir=tmp_path)
+    speed = SpeedModel(model, table, Calibration(model, images))
+    for mass in (0.4, 0.6, 0.8):
+        cfg = PruneConfig(reducer="sait", layers=(1,), mass_threshold=mass)
+        assert speed.throughput(cfg) == pytest.approx(predict_throughput(model, cfg, table, images=images), rel=1e-9)
+    ppt = PruneConfig(reducer="ppt", layers=(1, 2), r=8)
+    assert speed.throughput(ppt) == pytest.approx(predict_throughput(model, ppt, table, images=images), rel=1e-9)
+    assert speed.dense == pytest.approx(predict_throughput(model, None, table))

@@ -38,6 +38,13 @@ class Context:
     def has_test(self) -> bool:
         return any(r.test_accuracy is not None for r in self.complete)
 
+    @property
+    def dense_throughput(self) -> float | None:
+        """The dense model's img/s on the scale of the trials' objective: predicted where the study
+        predicts (its measured figure otherwise)."""
+        dense = self.dense or {}
+        return _number(dense.get("predicted_throughput", dense.get("throughput")))
+
     def count(self, outcome: str) -> int:
         return sum(r.outcome == outcome for r in self.rows)
 

@@ -138,7 +138,7 @@ def tradeoff_plot(ctx: Context, x: str) -> str:
             handles.append(Line2D([], [], marker="*", linestyle="", markersize=14, color="#bbb",
                                   markeredgecolor="#111", label="warm start (hand-designed)"))
         dense_acc = _number(((ctx.dense or {}).get("val") or {}).get("top1"))
-        dense_x = _number((ctx.dense or {}).get("flops" if by_flops else "throughput"))
+        dense_x = _number((ctx.dense or {}).get("flops")) if by_flops else ctx.dense_throughput
         if dense_acc is not None and dense_x is not None:
             dense_x = dense_x / unit if by_flops else dense_x
             ax.scatter([dense_x], [dense_acc], marker="D", s=70, color="#111", zorder=5)
@@ -235,7 +235,7 @@ def hypervolume_history(rows: Sequence[Row]) -> list[tuple[int, float]]:
 def hypervolume_plot(ctx: Context) -> str:
     history = hypervolume_history(ctx.rows)
     dense_acc = _number(((ctx.dense or {}).get("val") or {}).get("top1"))
-    dense_thr = _number((ctx.dense or {}).get("throughput"))
+    dense_thr = ctx.dense_throughput
     scale = dense_acc * dense_thr if dense_acc and dense_thr else 1.0
     with _style():
         fig = _figure(10.5, 3.8)

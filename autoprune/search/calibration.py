@@ -37,11 +37,14 @@ class Calibration:
         return cls(model, next(iter(loader))[0])
 
     def flops(self, cfg: PruneConfig) -> float:
+        return float(self._price_table(cfg, (cfg.layers, cfg.score))[self.kept_counts(cfg)].mean())
+
+    def kept_counts(self, cfg: PruneConfig) -> Tensor:
+        """Per calibration image, the patch tokens a mass-based config keeps (no forward pass once
+        its layer's scores are known)."""
         if not cfg.adaptive:
-            raise ConfigError("Calibration.flops: only mass-based sait needs calibration; use predict_flops")
-        key = (cfg.layers, cfg.score)
-        counts = mass_counts(self._ranked_scores(cfg, key), cfg.mass_threshold)
-        return float(self._price_table(cfg, key)[counts].mean())
+            raise ConfigError("Calibration: only mass-based sait needs calibration; use predict_flops")
+        return mass_counts(self._ranked_scores(cfg, (cfg.layers, cfg.score)), cfg.mass_threshold)
 
     def _ranked_scores(self, cfg: PruneConfig, key: tuple) -> Tensor:
         """Per image, the importance scores at the reducing layer, sorted in descending order."""

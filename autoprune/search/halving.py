@@ -63,12 +63,12 @@ class SuccessiveHalving:
         trial.set_user_attr(RUNG_ACCURACY, reached)
         if trial.user_attrs.get(WARM_START):
             return True
-        points = [(accuracy, _speed(trial))]
+        points = [(accuracy, trial.user_attrs["predicted_throughput"])]
         for other in self.study.get_trials(deepcopy=False):
             record = other.user_attrs.get(RUNG_ACCURACY, {})
             # an interrupted trial's record would count its re-run twice
             if other.number != trial.number and str(epoch) in record and outcome_of(other) != "interrupted":
-                points.append((record[str(epoch)], _speed(other)))
+                points.append((record[str(epoch)], other.user_attrs["predicted_throughput"]))
         if survives(points, 0, self.eta):
             return True
         # written before Ray stops the trial: a search killed now resumes with it settled
@@ -100,9 +100,3 @@ class HalvingScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE if self.at_rung(trial.trial_id, epoch, accuracy) else TrialScheduler.STOP
         return TrialScheduler.CONTINUE
 
-
-def _speed(trial) -> float:
-    """The second objective at a rung: predicted throughput (fewer predicted FLOPs where a trial
-    has no throughput prediction)."""
-    predicted = trial.user_attrs.get("predicted_throughput")
-    return predicted if predicted is not None else -trial.user_attrs["predicted_flops"]

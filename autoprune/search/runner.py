@@ -243,7 +243,7 @@ def _drive(settings, study, space, probe, baseline, datasets, budget, table, tri
     def flops_of(prune: PruneConfig) -> float:
         return calibration.flops(prune) if prune.adaptive else predict_flops(probe, prune)
 
-    speed = SpeedModel(baseline.model, table, calibration.images)
+    speed = SpeedModel(baseline.model, table, calibration)
     limit = Limit.of(budget, predict_flops(probe), flops_of, speed)
     proposer = _parse(lambda: Proposer(space, probe, limit.limit, limit.cost), None, ProposalError)
     if proposer.unreachable:

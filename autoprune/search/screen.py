@@ -233,7 +233,7 @@ def _record(screen: optuna.Study, trial: optuna.Trial, throughput: float, speedu
     if not all(math.isfinite(v) for v in values):
         end_trial(screen, trial, "failed", reason=f"non-finite screen result: top-1 {values[0]}, throughput {values[1]}")
         return
-    for key, value in (("accuracy", values[0]), ("loss", result["loss"]), ("throughput", throughput),
+    for key, value in (("accuracy", values[0]), ("loss", result["loss"]), ("predicted_throughput", throughput),
                        ("speedup", speedup), ("seconds", result["seconds"])):
         trial.set_user_attr(key, value)
     end_trial(screen, trial, "complete", values=values)

@@ -20,7 +20,7 @@ from ray.tune.search import Searcher
 
 from ..config import PruneConfig
 from ..progress import LiveProgress, format_duration
-from ..study import OBJECTIVES, OUTCOME_STATES, best_feasible, finished_count, outcome_of
+from ..study import OBJECTIVE_ATTRS, OUTCOME_STATES, best_feasible, finished_count, outcome_of
 from ..study_attrs import OUTCOME, REASON, RETRY_OF, RUNG, SCREEN_ACCURACY, SCREEN_TRIAL, WARM_START
 from ..train import MAX_SEED, TrainConfig
 from .halving import SuccessiveHalving
@@ -41,7 +41,7 @@ def recover_interrupted(study: optuna.Study) -> list[int]:
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         outcome = outcome_of(trial)
         if outcome in OUTCOME_STATES:
-            values = [trial.user_attrs[name] for name in OBJECTIVES] if outcome == "complete" else None
+            values = [trial.user_attrs[name] for name in OBJECTIVE_ATTRS] if outcome == "complete" else None
             storage.set_trial_state_values(trial._trial_id, OUTCOME_STATES[outcome], values)
             continue
         # the re-run is queued before the trial is closed, once: a kill in between loses neither
@@ -140,8 +140,9 @@ def failure_text(error: Exception) -> str:
 class StudySearcher(Searcher):
     """Proposes candidates through `study` with `propose` (budget-exact: `Proposer.propose`), checks
     each against the budget with `flops_of` as a safety net (a config over budget is never
-    trained, and counted), and records every outcome. With `halving`, `at_rung` decides at each
-    rung whether a fine-tune goes on."""
+    trained, and counted), and records every outcome. A trial's throughput objective is
+    `throughput_of` (predicted, deterministic); its measured timing is recorded beside it. With
+    `halving`, `at_rung` decides at each rung whether a fine-tune goes on."""
 
     def __init__(
         self,
@@ -149,6 +150,7 @@ class StudySearcher(Searcher):
         propose: Callable[[optuna.Trial], Candidate],
         budget: float,
         flops_of: Callable[[Candidate], float],
+        throughput_of: Callable[[Candidate], float],
         train_config: Callable[[Candidate, int], dict[str, Any]],
         target: int,
         progress: Progress,
@@ -156,7 +158,6 @@ class StudySearcher(Searcher):
         leased: Callable[[], bool] = lambda: True,  # False once another search took the study over
         halving: SuccessiveHalving | None = None,
         constraint: str = "flops",  # what `budget` and `flops_of` count: flops, or seconds per image
-        throughput_of: Callable[[Candidate], float] | None = None,  # predicted img/s; None: the measured
     ) -> None:
         # no metric for Ray: its strict check would abort the run on a failure report (search.md #3)
         super().__init__(metric=None, mode=None)
@@ -188,7 +189,7 @@ class StudySearcher(Searcher):
             try:
                 candidate = self.propose(trial)
                 flops = self.flops_of(candidate)
-                predicted = self.throughput_of(candidate) if self.throughput_of else None
+                predicted = self.throughput_of(candidate)
                 train_config = self.train_config(candidate, trial.number)
             except Exception as error:  # a proposal that cannot be built ends FAIL; the search goes on
                 reason = f"the proposal could not be built: {failure_text(error)}"
@@ -206,8 +207,7 @@ class StudySearcher(Searcher):
             return Searcher.FINISHED if not self.live else None
         trial.set_user_attr("prune_config", candidate.prune.to_dict())
         trial.set_user_attr(f"predicted_{self.constraint}", flops)
-        if predicted is not None:
-            trial.set_user_attr("predicted_throughput", predicted)
+        trial.set_user_attr("predicted_throughput", predicted)
         trial.set_user_attr("ray_trial_id", trial_id)
         trial.set_user_attr("train_config", train_config)
         self.live[trial_id] = trial
@@ -253,10 +253,9 @@ class StudySearcher(Searcher):
             self._end(trial, "stopped", reason=None if halted else f"stopped after {where}")
             self.progress.line(self.study, trial.number, f"{label} stopped at {where}", counts=False)
             return
-        values = [result.get(name) for name in OBJECTIVES]
-        predicted = trial.user_attrs.get("predicted_throughput")
-        if predicted is not None:  # deterministic: the front is not ranked by timing noise
-            values[1] = predicted
+        # the prediction is deterministic: the front is not ranked by timing noise
+        predicted = trial.user_attrs["predicted_throughput"]
+        values = [result.get("accuracy"), predicted]
         if any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in values):
             self._fail(trial, f"non-finite or missing objectives: accuracy={values[0]}, throughput={values[1]}")
             self.progress.line(self.study, trial.number, f"{label} FAILED (bad metrics)")
@@ -265,14 +264,14 @@ class StudySearcher(Searcher):
                     "top5", "test_accuracy", "dense_mode_accuracy", "checkpoint_path", "seconds", "node_id",
                     SCREEN_ACCURACY):
             trial.set_user_attr(key, result.get(key))
-        if predicted is not None and isinstance(result.get("throughput"), (int, float)):
+        if isinstance(result.get("throughput"), (int, float)):
             trial.set_user_attr("throughput_error", result["throughput"] / predicted - 1)
         cost = result["flops"] if self.constraint == "flops" else trial.user_attrs[f"predicted_{self.constraint}"]
         trial.set_constraint(self.constraint, cost / self.budget - 1)
         self._end(trial, "complete", values=values)
         self.progress.line(self.study, trial.number,
-                           f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {values[1]:.0f} img/s"
-                           f"{' predicted' if predicted is not None else ''} ({result['speedup']:.2f}x measured)")
+                           f"{label} {values[0]:.2f}% {result['flops'] / 1e9:.3f} GFLOPs {values[1]:.0f} img/s predicted "
+                           f"({result['speedup']:.2f}x measured)")
 
     def _fail(self, trial: optuna.Trial, reason: str) -> None:
         self._end(trial, "failed", reason=reason)
@@ -306,9 +305,9 @@ def fine_tuning_searcher(settings, study, propose, cost_of, limit, throughput_of
             optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
                                        n_startup_trials=min(10, max(4, trials // 4)))
     return StudySearcher(
-        study, propose, limit.limit, cost_of,
+        study, propose, limit.limit, cost_of, throughput_of,
         train_config=lambda c, number: dataclasses.replace(
             settings.recipe, **c.train_overrides(), seed=settings.seed + number).to_dict(),
         target=trials, progress=Progress(total=trials, done_before=done, write=log, running=running), leased=leased,
         halving=SuccessiveHalving(study, settings.recipe.epochs, settings.halving) if settings.halving else None,
-        constraint=limit.name, throughput_of=throughput_of)
+        constraint=limit.name)

@@ -13,33 +13,40 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import PruneConfig
-from ..latency import LatencyTable, predict_throughput
+from ..latency import LatencyTable, predict_seconds, predict_throughput
+from ..patch import Reduction
 from .budget import Budget, format_flops
+from .calibration import Calibration
 
 
 class SpeedModel:
-    """Predicted images/s of configs of `model` on `table`; adaptive configs (mass-based SaiT,
-    PPT) are expected over `images` run through `model`'s own weights. Cached per config."""
+    """Predicted images/s of configs of `model` on `table`, cached per config. Configs whose work
+    depends on the images are expected over the `calibration` batch: mass-based SaiT from its
+    per-image token counts (the scores the FLOPs calibration already holds: no forward pass),
+    PPT from which images pool or prune (one forward pass per config). Without a calibration
+    (before the baseline is trained), PPT takes each image as equally likely to pool."""
 
-    def __init__(self, model: nn.Module, table: LatencyTable, images: Tensor) -> None:
-        self.model, self.table, self.images = model, table, images
+    def __init__(self, model: nn.Module, table: LatencyTable, calibration: Calibration | None) -> None:
+        self.model, self.table, self.calibration = model, table, calibration
         self._cache: dict[str, float] = {}
         self.dense = self.throughput(None)
-
-    @property
-    def batch_size(self) -> int:
-        return self.table.batch_size
 
     def throughput(self, prune: PruneConfig | None) -> float:
         key = "dense" if prune is None else prune.to_json()
         if key not in self._cache:
-            adaptive = prune is not None and (prune.adaptive or prune.reducer == "ppt")
-            self._cache[key] = predict_throughput(self.model, prune, self.table,
-                                                  images=self.images if adaptive else None)
+            self._cache[key] = self._predict(prune)
         return self._cache[key]
+
+    def _predict(self, prune: PruneConfig | None) -> float:
+        if prune is not None and prune.adaptive:
+            counts = self.calibration.kept_counts(prune)
+            found = [Reduction(prune.layers[0], counts, counts.new_zeros(counts.shape, dtype=bool))]
+            return self.table.batch_size / predict_seconds(self.table, prune, found)
+        images = self.calibration.images if self.calibration and prune and prune.reducer == "ppt" else None
+        return predict_throughput(self.model, prune, self.table, images=images)
 
     def speedup(self, prune: PruneConfig | None) -> float:
         return self.throughput(prune) / self.dense
