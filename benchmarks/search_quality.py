@@ -144,7 +144,12 @@ def run_legacy(settings: SearchSettings, trials: int, name: str, storage: str) -
         driver = LEGACY_DRIVER.format(budget=settings.budget, seed=settings.seed, epochs=settings.recipe.epochs,
                                       synthetic=dataclasses.asdict(settings.synthetic), trials=trials, name=name,
                                       storage=storage)
-        subprocess.run([sys.executable, "-c", driver], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": tree})
+        # run from a folder holding only a link to studies/: from this tree's root, `python -c` and the
+        # Ray workers would import the current code before PYTHONPATH's (a silent 'legacy' arm)
+        workdir = Path(tree) / "run"
+        workdir.mkdir()
+        (workdir / "studies").symlink_to(ROOT / "studies")
+        subprocess.run([sys.executable, "-P", "-c", driver], cwd=workdir, check=True, env={**os.environ, "PYTHONPATH": tree})
 
 
 # -- measuring ----------------------------------------------------------------------------------------
