@@ -9,6 +9,7 @@ SETTINGS_ATTR = "autoprune:settings"        # what defines the study (compared o
 DENSE_ATTR = "autoprune:dense"              # the dense baseline's val accuracy, FLOPs, throughput
 WARM_STARTED_ATTR = "autoprune:warm_started"
 UID_ATTR = "autoprune:uid"                  # names the study's checkpoint folder: unique across storages
+FRONT_TIMING_ATTR = "autoprune:front_timing"  # the front re-timed against dense at the end of a search
 # study system attribute
 LEASE_KEY = "autoprune:lease"               # which search drives the study now
 

@@ -279,6 +279,24 @@ def run_trial(
     )
 
 
+def time_reduced(baseline: Baseline, datasets: Datasets, models: dict[str, tuple[PruneConfig, Path | None]],
+                 batch_size: int, rounds: int) -> dict[str, float]:
+    """Images/s of the dense baseline ("dense") and of each reduced model, timed interleaved in
+    one process on `batch_size` val images (median of `rounds`). A model is the baseline reduced
+    by its config with, when a checkpoint is given, its fine-tuned weights (what adaptive
+    reducers keep depends on them)."""
+    device = model_device(baseline.model)
+    timed: dict[str, nn.Module] = {"dense": baseline.model.eval()}
+    for name, (prune_config, checkpoint) in models.items():
+        model = baseline.fresh_copy()
+        if checkpoint is not None:
+            model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
+        timed[name] = apply(model, prune_config).eval()
+    images = _sample_images(datasets.val, batch_size, device)
+    return time_interleaved(timed, images, rounds=rounds, warmup=2,
+                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+
+
 def screen_subset(dataset, count: int, seed: int) -> TensorDataset:
     """A fixed, seeded sample of `count` images of `dataset` (all of it when smaller), loaded once:
     every config of a study is screened on the same images, so their scores compare pairwise."""

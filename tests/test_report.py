@@ -14,7 +14,7 @@ from optuna.trial import TrialState, create_trial
 
 import autoprune
 from autoprune.cli import main
-from autoprune.study_attrs import DENSE_ATTR, OUTCOME, SETTINGS_ATTR
+from autoprune.study_attrs import DENSE_ATTR, FRONT_TIMING_ATTR, OUTCOME, SETTINGS_ATTR
 from autoprune.report import write_report
 from autoprune.report.maps import patch_status
 from autoprune.report.plots import hypervolume_2d, hypervolume_history
@@ -128,6 +128,25 @@ def test_report_writes_tables_markdown_and_a_self_contained_page(built):
     # the report read a snapshot: the storage holds the same single study, untouched
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == ["s"]
     assert len(optuna.load_study(study_name="s", storage=storage).trials) == 8
+
+
+def test_the_front_table_reads_the_front_re_timed_against_dense(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    study = new_study(storage, "timed")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, **TINY)
+    dense_flops = autoprune.predict_flops(model)
+    study.set_user_attr(DENSE_ATTR, {"val": {"top1": 88.0}, "flops": dense_flops, "throughput": 800.0,
+                                     "predicted_throughput": 1000.0, "serve_batch": 32})
+    config = autoprune.PruneConfig(reducer="evit", layers=(1, 2), keep_rate=0.6)
+    add(study, dense_flops, values=[80.0, 1500.0], config=config, flops=0.6 * dense_flops,
+        predicted_throughput=1500.0, throughput_error=-0.3)  # the trial's own timing: 1500 img/s
+    study.set_user_attr(FRONT_TIMING_ATTR, {"rounds": 15, "batch_size": 32, "dense": 900.0, "trials": {"0": 1260.0}})
+    md = (write_report(storage, "timed", out_dir=tmp_path / "out").parent / "report.md").read_text()
+    front = md[md.index("| trial |"):]
+    # measured: 1260 / 900 = 1.40x against a predicted 1.50x, an error of -7 %
+    assert "| 1500 | 1260 | -7% | 1.40× |" in front
+    assert "| 1000 | 900 | – | 1.00× |" in front  # dense: its re-timed img/s; speedup errors are 0 by definition
+    assert "median of 15 interleaved rounds at batch 32" in md
 
 
 def test_patch_status_tells_kept_merged_and_pruned_patches():

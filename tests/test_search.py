@@ -20,6 +20,7 @@ from autoprune.cli import main
 from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings
 from autoprune.search import search as _search
+from autoprune.search.retime import FRONT_ROUNDS, FrontTiming
 from autoprune.study_attrs import (OUTCOME, PROMOTED_ATTR, REASON, RETRY_OF, RUNG, RUNG_ACCURACY, SCREEN_ACCURACY,
                                    SCREEN_TAU_ATTR, SCREEN_TRIAL, WARM_START)
 from autoprune.lease import StudyLease
@@ -84,9 +85,19 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
     assert all(t.user_attrs["predicted_flops"] <= budget * (1 + 1e-9) for t in complete)
     assert any(line.startswith("[3/3]") and "left" in line for line in lines)
     assert any("Pareto front" in line for line in lines)
-    # the same command again: nothing left to do, warm starts are not enqueued twice
+    # the front re-timed against dense with more rounds than a trial's own timing, and printed
+    timing = FrontTiming.of(study)
+    assert timing is not None and (timing.rounds, timing.batch_size) == (FRONT_ROUNDS, 32) and timing.dense > 0
+    assert set(timing.trials) == {t.number for t in result.front} and all(r > 0 for r in timing.trials.values())
+    printed = next(line for line in lines if "Pareto front" in line)
+    assert f"median of {FRONT_ROUNDS} interleaved rounds" in printed
+    assert f"{timing.speedup(result.front[0].number):.2f}x" in printed.splitlines()[3]
+    # the same command again: nothing left to do, warm starts are not enqueued twice, the front is not re-timed
+    retimed = len([line for line in lines if line.startswith("re-timing")])
+    assert retimed == 1
     again = search(tiny_settings(), trials=3, study_name="s", storage=storage_url(workdir), log=lines.append)
     assert again.finished == 3 and len(optuna.load_study(study_name="s", storage=storage_url(workdir)).trials) == len(study.trials)
+    assert len([line for line in lines if line.startswith("re-timing")]) == retimed
 
 
 def test_a_speed_budget_is_met_by_prediction_and_resumes_only_at_the_same_serving_batch(ray_session, workdir):

@@ -177,6 +177,42 @@ def combine(
     return Tokens(x=pooled, size=size, prefix=0, source=source)
 
 
+def every_other(tokens: Tokens, start: int) -> Tokens:
+    """The non-prefix tokens at positions start, start + 2, ... (views, no copy), prefix-free."""
+    begin = tokens.prefix + start
+
+    def stride(tensor: Tensor | None) -> Tensor | None:
+        return None if tensor is None else tensor[:, begin::2]
+
+    return Tokens(x=stride(tokens.x), size=stride(tokens.size), prefix=0, valid=stride(tokens.valid),
+                  source=stride(tokens.source))
+
+
+def absorb(into: Tokens, members: Tokens, group: Tensor) -> Tokens:
+    """Each of the prefix-free `into` tokens averaged, by size, with the `members` (prefix-free,
+    [B, M]) that `group` [B, M] assigns to it; sizes and sources add. The same sums, in the same
+    order, as `combine` over the `into` tokens followed by the members, with fewer operations
+    (the `into` tokens are not gathered: they seed the sums)."""
+    rows = _flat_rows(group, into.x.shape[1])
+    into_weight, member_weight = (t.size if t.size.dtype == t.x.dtype else t.size.to(t.x.dtype) for t in (into, members))
+    pooled = _add_rows_to(into.x * into_weight.unsqueeze(-1), rows, members.x * member_weight.unsqueeze(-1))
+    size = _add_rows_to(into.size.clone(), rows, members.size)
+    total = size if into_weight is into.size else _add_rows_to(into_weight.clone(), rows, member_weight)
+    pooled = pooled / total.clamp_min(torch.finfo(total.dtype).tiny).unsqueeze(-1)
+    source = None if into.source is None else _add_rows_to(into.source.clone(), rows, members.source)
+    return Tokens(x=pooled, size=size, prefix=0, source=source)
+
+
+def _add_rows_to(base: Tensor, rows: Tensor, values: Tensor) -> Tensor:
+    """`base` [B, G, ...] (a fresh tensor: it is written) plus the [B, M, ...] values added at rows
+    (from `_flat_rows`), in member order."""
+    batch, groups, tail = base.shape[0], base.shape[1], base.shape[2:]
+    if batch == 1:
+        return base.index_add_(1, rows, values)
+    flat = base.reshape((batch * groups,) + tail).index_add_(0, rows, values.reshape((-1,) + tail))
+    return flat.reshape((batch, groups) + tail)
+
+
 def concat(first: Tokens, *rest: Tokens) -> Tokens:
     """Tokens of `first` (which keeps its prefix) followed by prefix-free parts."""
     parts = (first,) + rest

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tokens import Tokens, combine, concat, prefix_of, take
+from .tokens import Tokens, absorb, concat, every_other, prefix_of, take
 
 
 def tome(tokens: Tokens, metric: Tensor, r: int) -> Tokens:
@@ -22,18 +22,14 @@ def tome(tokens: Tokens, metric: Tensor, r: int) -> Tokens:
     if r <= 0:
         return tokens
     first_a = tokens.prefix % 2  # non-prefix index of the first token at an even position
-    a_pos = torch.arange(first_a, n, 2, device=metric.device)
-    b_pos = torch.arange(1 - first_a, n, 2, device=metric.device)
     metric = F.normalize(metric, dim=-1)
     # strided views, not copies: A and B alternate
     similarity = metric[:, first_a::2] @ metric[:, 1 - first_a::2].transpose(1, 2)
     best, best_b = similarity.max(dim=-1)
     order = best.argsort(dim=1, descending=True)
     merged_a, unmerged_a = order[:, :r], order[:, r:].sort(dim=1).values
-    batch = metric.shape[0]
-    b_index = b_pos.expand(batch, -1)
-    members = torch.cat([b_index, a_pos[merged_a]], dim=1)
-    group = torch.cat([torch.arange(len(b_pos), device=metric.device).expand(batch, -1),
-                       best_b.gather(1, merged_a)], dim=1)
-    b_tokens = combine(tokens, members, group, None, len(b_pos), normalize=True)  # size-weighted
-    return concat(prefix_of(tokens), take(tokens, a_pos[unmerged_a]), b_tokens)
+    # an A token's non-prefix index is 2 * (its index in A) + first_a; every B token absorbs the
+    # A tokens merged into it (in the order of their match, as the sums are taken), by size
+    merged = take(tokens, merged_a * 2 + first_a)
+    b_tokens = absorb(every_other(tokens, 1 - first_a), merged, best_b.gather(1, merged_a))
+    return concat(prefix_of(tokens), take(tokens, unmerged_a * 2 + first_a), b_tokens)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import optuna
 
 from ..search.budget import BudgetError, format_flops, parse_budget
+from ..search.retime import FrontTiming
 from ..storage import shown_url
 from ..study import OUTCOME_ORDER, pareto_front
 from ..study_attrs import DENSE_ATTR, SETTINGS_ATTR
@@ -29,6 +30,7 @@ class Context:
     rows: list[Row]
     front: list[Row]
     stages: Stages | None = None  # screening and successive halving, when the study used them
+    front_timing: FrontTiming | None = None  # the front re-timed against dense at the end of the search
 
     @property
     def complete(self) -> list[Row]:
@@ -142,16 +144,19 @@ def _front_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
     if ctx.has_test:
         headers.append("test top-1")
     headers += ["GFLOPs", "img/s", "measured img/s", "prediction error", "measured speedup", "params"]
+    timing = ctx.front_timing
     body = []
     if ctx.dense:
         dense_row = ["dense", "none", "–", "", "", _fmt(_number((ctx.dense.get("val") or {}).get("top1")), ".2f", "%")]
         if ctx.has_test:
             dense_row.append("–")
         predicted, measured = _number(ctx.dense.get("predicted_throughput")), _number(ctx.dense.get("throughput"))
+        error = None if predicted is None or measured is None else measured / predicted - 1
+        if timing is not None:  # the front's errors are of speedups: dense's is 0 by definition
+            measured, error = timing.dense, None
         dense_row += [_gflops((_number(ctx.dense.get("flops")) or 0) / 1e9 or None),
                       _fmt(predicted if predicted is not None else measured, ".0f"), _fmt(measured, ".0f"),
-                      _fmt(None if predicted is None or measured is None else measured / predicted - 1, "+.0%"),
-                      "1.00×", "–"]
+                      _fmt(error, "+.0%"), "1.00×", "–"]
         body.append(dense_row)
     for r in ctx.front:
         line = [str(r.number), r.reducer, r.layers or "all",
@@ -159,8 +164,13 @@ def _front_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
                 _fmt(r.accuracy, ".2f", "%")]
         if ctx.has_test:
             line.append(_fmt(r.test_accuracy, ".2f", "%"))
-        line += [_gflops(r.gflops), _fmt(r.throughput, ".0f"), _fmt(r.measured_throughput, ".0f"),
-                 _fmt(r.throughput_error, "+.0%"), _fmt(r.speedup, ".2f", "×"), _params(r.params)]
+        measured, error, speedup = r.measured_throughput, r.throughput_error, r.speedup
+        if timing is not None and r.number in timing.trials:
+            measured, speedup = timing.trials[r.number], timing.speedup(r.number)
+            predicted = (r.throughput / ctx.dense_throughput) if r.throughput and ctx.dense_throughput else None
+            error = None if predicted is None else speedup / predicted - 1
+        line += [_gflops(r.gflops), _fmt(r.throughput, ".0f"), _fmt(measured, ".0f"),
+                 _fmt(error, "+.0%"), _fmt(speedup, ".2f", "×"), _params(r.params)]
         body.append(line)
     return headers, body
 
@@ -170,9 +180,15 @@ def throughput_note(ctx: Context) -> str:
     batch = (ctx.dense or {}).get("serve_batch")
     if batch is None:  # a study from before the latency model: its objective was the timing
         return "img/s is the trial's own interleaved timing against the dense model."
-    return (f"img/s is the throughput objective, predicted at batch {batch} from the latency table calibrated for "
-            "this model and device (deterministic, so the front is not ranked by timing noise); measured img/s is "
-            "the trial's own interleaved timing, and the prediction error is measured / predicted - 1.")
+    predicted = (f"img/s is the throughput objective, predicted at batch {batch} from the latency table calibrated "
+                 "for this model and device (deterministic, so the front is not ranked by timing noise); ")
+    timing = ctx.front_timing
+    if timing is not None:
+        return predicted + (f"measured img/s and speedup come from re-timing the front against the dense model at the "
+                            f"end of the search (median of {timing.rounds} interleaved rounds at batch "
+                            f"{timing.batch_size}), and the prediction error is measured speedup / predicted speedup - 1.")
+    return predicted + ("measured img/s is the trial's own interleaved timing, and the prediction error is "
+                        "measured / predicted - 1.")
 
 
 def _warm_start_table(ctx: Context) -> tuple[list[str], list[list[str]]]:
@@ -271,4 +287,5 @@ def build_context(study: optuna.Study, storage_url: str) -> Context:
                    taken=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip(),
                    settings=settings, dense=dense if isinstance(dense, dict) else None,
                    budget_flops=_budget_flops(settings, dense if isinstance(dense, dict) else None),
-                   rows=rows, front=front, stages=study_stages(study, storage_url, settings))
+                   rows=rows, front=front, stages=study_stages(study, storage_url, settings),
+                   front_timing=FrontTiming.of(study))

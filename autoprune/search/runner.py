@@ -35,13 +35,14 @@ from ..study_attrs import (DEFAULT_STORAGE, DENSE_ATTR, SCREEN_SUFFIX, SCREEN_TA
                            WARM_START, WARM_STARTED_ATTR)
 from ..teacher import TeacherError, TeacherSpec
 from ..train import MAX_SEED, TrainConfig
-from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline
+from ..trial import BaselineError, ModelError, ModelSpec, create_unweighted, dense_baseline, time_reduced
 from .baseline_gate import baseline_refusal
 from .budget import BudgetError, format_flops, parse_budget
 from .calibration import Calibration
 from .execution import ray_session, run_trials, screen_pool, worker_context, worker_resources
 from .halving import HalvingScheduler, rung_epochs
 from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_cost
+from .retime import retime_front
 from .screen import ScreenError, promotion_slots, screen_and_promote, screen_study, screen_tau
 from .searcher import fine_tuning_searcher, recover_interrupted
 from .speed import Limit, SpeedModel
@@ -290,8 +291,10 @@ def _drive(settings, study, space, probe, baseline, datasets, budget, table, tri
             raise SearchError(searcher.exhausted)
     if settings.screen:
         study.set_user_attr(SCREEN_TAU_ATTR, screen_tau(study).to_dict())
+    timing = retime_front(study, lambda models, rounds: time_reduced(baseline, datasets, models, settings.serve_batch,
+                                                                     rounds), settings.serve_batch, log)
     front = pareto_front(study)
-    log(format_front(front, study.user_attrs[DENSE_ATTR]))
+    log(format_front(front, study.user_attrs[DENSE_ATTR], timing))
     log(format_stages(study, settings.recipe.epochs, settings.screen_images))
     log(f"study {study_name!r} lives in {shown_url(storage)}")
     infeasible = infeasible_count(study)

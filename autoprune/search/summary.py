@@ -11,29 +11,35 @@ import optuna
 
 from ..config import PruneConfig
 from ..study_attrs import OUTCOME, PROMOTED_ATTR, RUNG, SCREEN_SUFFIX, WARM_START
+from .retime import FrontTiming
 from .screen import THROUGHPUT_NOTE, screen_tau
 
 
-def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any]) -> str:
-    """The front as printed: img/s is the objective (predicted from the latency table), measured
-    img/s the trial's own timing (studies from before prediction: both the timing)."""
+def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any], timing: FrontTiming | None = None) -> str:
+    """The front as printed: img/s and speedup are the objective (predicted from the latency
+    table); measured is the speedup from the front's re-timing against dense, else each trial's
+    own timing in img/s (studies from before prediction: both the timing)."""
     predicted_dense = dense.get("predicted_throughput", dense["throughput"])
+    measured_dense = "1.00x" if timing else f"{dense['throughput']:.0f}"
     lines = ["Pareto front (accuracy vs throughput, within budget):",
              f"{'trial':>5}  {'config':<44} {'top-1':>7} {'GFLOPs':>7} {'img/s':>8} {'speedup':>7} {'measured':>9}",
              f"{'dense':>5}  {'':<44} {dense['val']['top1']:>6.2f}% {dense['flops'] / 1e9:>7.3f} "
-             f"{predicted_dense:>8.0f} {'1.00x':>7} {dense['throughput']:>9.0f}"]
+             f"{predicted_dense:>8.0f} {'1.00x':>7} {measured_dense:>9}"]
     for trial in front:
         attrs = trial.user_attrs
         label = PruneConfig.from_dict(attrs["prune_config"]).describe()
         if attrs.get(WARM_START):
             label += f" [{attrs[WARM_START]}]"
+        speedup = timing.speedup(trial.number) if timing else None
+        measured = f"{attrs['throughput']:.0f}" if speedup is None else f"{speedup:.2f}x"
         lines.append(f"{trial.number:>5}  {label[:44]:<44} {trial.values[0]:>6.2f}% {attrs['flops'] / 1e9:>7.3f} "
-                     f"{trial.values[1]:>8.0f} {trial.values[1] / predicted_dense:>6.2f}x {attrs['throughput']:>9.0f}")
+                     f"{trial.values[1]:>8.0f} {trial.values[1] / predicted_dense:>6.2f}x {measured:>9}")
     if not front:
         lines.append("  (no finished trial within budget yet)")
     elif "predicted_throughput" in dense:
-        lines.append(f"  img/s and speedup predicted at batch {dense.get('serve_batch')} from the latency table; "
-                     "measured: each trial's own timing")
+        lines.append(f"  img/s and speedup predicted at batch {dense.get('serve_batch')} from the latency table; measured: "
+                     + (f"speedup over dense, median of {timing.rounds} interleaved rounds at batch {timing.batch_size}"
+                        if timing else "each trial's own timing (img/s)"))
     return "\n".join(lines)
 
 
