@@ -185,11 +185,16 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# how parts are timed (3: blocks chained as in a forward, parts in a seeded random order each
+# round); a cached table of another method is measured again
+METHOD = 3
+
+
 def table_identity(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Everything a table's timings depend on; its hash names the cached file."""
     return {"architecture": architecture_digest(model), "device": device_identity(device),
             "batch_size": batch_size, "dtype": str(dtype).removeprefix("torch."),
-            "torch": torch.__version__, "timm": timm.__version__, "autoprune": __version__}
+            "torch": torch.__version__, "timm": timm.__version__, "autoprune": __version__, "method": METHOD}
 
 
 def table_path(model: nn.Module, identity: dict[str, Any], cache_dir: Path = DEFAULT_CACHE) -> Path:
