@@ -63,7 +63,9 @@ def retime_front(study: optuna.Study, time_models: TimeModels, batch_size: int, 
         checkpoint = Path(trial.user_attrs.get("checkpoint_path") or "")
         models[str(trial.number)] = (PruneConfig.from_dict(trial.user_attrs["prune_config"]),
                                      checkpoint if checkpoint.is_file() else None)
-    log(f"re-timing the {len(front)} front configs against dense: {rounds} interleaved rounds at batch {batch_size}")
+    missing = [name for name, (_, checkpoint) in models.items() if checkpoint is None]
+    log(f"re-timing the {len(front)} front configs against dense: {rounds} interleaved rounds at batch {batch_size}"
+        + (f" (trials {', '.join(missing)}: checkpoint gone, timed with the baseline's weights)" if missing else ""))
     rates = time_models(models, rounds)
     timing = FrontTiming(rounds, batch_size, rates["dense"], {int(name): rates[name] for name in models})
     study.set_user_attr(FRONT_TIMING_ATTR, timing.to_dict())
