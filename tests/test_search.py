@@ -707,3 +707,20 @@ def test_the_spaces_reach_the_papers_distillation_settings():
     proposer = Proposer(space, model, predict_flops(model), lambda cfg: predict_flops(model, cfg))
     candidate = Candidate(PruneConfig(reducer="evit", layers=(1,), keep_rate=0.7), distill="features_cls", beta=4.0)
     assert proposer.params_for(candidate, share=1.0) is not None  # the mode is searched
+
+
+def test_a_failed_front_re_timing_leaves_the_study_and_its_front_as_they_were(tmp_path):
+    from autoprune.search.retime import retime_front
+    from autoprune.study_attrs import FRONT_TIMING_ATTR
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", directions=["maximize", "maximize"])
+    study.add_trial(optuna.trial.create_trial(
+        values=[90.0, 100.0], user_attrs={"prune_config": {"reducer": "tome", "r": 2}, "checkpoint_path": "gone.pt"}))
+    lines = []
+
+    def broken(models, rounds):
+        raise RuntimeError("out of memory")
+
+    assert retime_front(study, broken, 32, lines.append) is None
+    assert FRONT_TIMING_ATTR not in study.user_attrs and len(study.trials) == 1
+    assert "checkpoint gone" in lines[0] and "re-timing the front failed (RuntimeError: out of memory)" in lines[1]

@@ -66,7 +66,11 @@ def retime_front(study: optuna.Study, time_models: TimeModels, batch_size: int, 
     missing = [name for name, (_, checkpoint) in models.items() if checkpoint is None]
     log(f"re-timing the {len(front)} front configs against dense: {rounds} interleaved rounds at batch {batch_size}"
         + (f" (trials {', '.join(missing)}: checkpoint gone, timed with the baseline's weights)" if missing else ""))
-    rates = time_models(models, rounds)
+    try:
+        rates = time_models(models, rounds)
+    except Exception as error:  # the trials are recorded already: a failed timing costs only the timing
+        log(f"re-timing the front failed ({type(error).__name__}: {error}); the front shows each trial's own timing")
+        return None
     timing = FrontTiming(rounds, batch_size, rates["dense"], {int(name): rates[name] for name in models})
     study.set_user_attr(FRONT_TIMING_ATTR, timing.to_dict())
     return timing
