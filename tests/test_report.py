@@ -271,7 +271,7 @@ def test_report_says_what_screening_and_successive_halving_did(tmp_path, capsys)
     md = (path.parent / "report.md").read_text()
     assert "## Screening and successive halving" in md
     assert "Screened 3 configs off the shelf" in md and "(1 failed, 1 proposals over budget); 2 promoted" in md
-    assert "Kendall tau 1.00 over 3 fine-tuned trial(s)" in md and "too few to judge the screen" in md
+    assert "Kendall tau 1.000 over 3 fine-tuned trial(s)" in md and "too few to judge the screen" in md
     assert "Successive halving stopped 1 at epoch 1" in md
     assert "Screening and successive halving" in path.read_text()
     trials = pd.read_csv(path.parent / "trials.csv")

@@ -319,13 +319,13 @@ class ProxyCheck:
 
     def verdict(self) -> str:
         if self.pairs < MIN_PAIRS:
-            shown = "" if self.tau is None else f"Kendall tau {self.tau:.2f} over "
+            shown = "" if self.tau is None else f"Kendall tau {self.tau:.3f} over "
             return (f"{shown}{self.pairs} fine-tuned trial(s) with a screen score: too few to judge the screen "
                     f"(needs {MIN_PAIRS})")
         if self.tau is None:
             return (f"{self.pairs} fine-tuned trials with a screen score, but the screen scores or the fine-tuned "
                     "accuracies are all equal: nothing to rank, so the screen cannot be judged")
-        text = f"Kendall tau {self.tau:.2f} between screen and fine-tuned top-1 over {self.pairs} trials"
+        text = f"Kendall tau {self.tau:.3f} between screen and fine-tuned top-1 over {self.pairs} trials"
         if self.reliable:
             return text + f": the screen ranks configs as fine-tuning does (tau >= {RELIABLE_TAU})"
         return (text + f": too weak to rely on (tau < {RELIABLE_TAU}); here the screen's ranking says little "
