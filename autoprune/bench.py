@@ -1,8 +1,9 @@
 """Throughput of dense vs reduced models, timed interleaved in one process (reducers.md protocol).
 
 A machine is noisy, so only ratios of interleaved runs are trusted: every round times each model
-once, in a rotating order, and the median round is reported. The models run in PyTorch (eager) or,
-exported to ONNX, in onnxruntime's CPU provider. Each reduced model gets a reference: its slicing
+once, in a rotating order, and the median round is reported. The models run in PyTorch (eager, or
+through torch.compile, optional: its compile time and graph breaks are reported) or, exported to
+ONNX, in onnxruntime's CPU provider. Each reduced model gets a reference: its slicing
 floor, the same token schedule reduced by keeping the first tokens (no scores, no matching, no key
 bias), so a reducer's own overhead reads as its time over the floor's.
 """
@@ -27,7 +28,7 @@ from .flops import count_flops
 from .onnx_export import INPUT, OnnxExportError, onnxruntime_session, write_onnx
 from .patch import apply, apply_slicing, reductions
 
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "compile", "onnxruntime")
 Runner = Callable[[Tensor], object]  # a model, or anything else that runs a batch
 
 
@@ -42,6 +43,8 @@ class BenchRow:
     refused: str | None = None      # why the backend could not run it (then the timings are NaN)
     floor_of: str | None = None     # a slicing-floor row: the config whose schedule it runs
     overhead: float | None = None   # a reduced row: its time over its floor's, less 1
+    compile_seconds: float | None = None  # backend compile: its first call (compiling included)
+    graph_breaks: int | None = None       # backend compile: where dynamo split the forward
 
     @property
     def efficiency(self) -> float:
@@ -117,19 +120,72 @@ def benchmark(model: nn.Module, configs: dict[str, PruneConfig], batch_size: int
     with tempfile.TemporaryDirectory() as folder:
         runners: dict[str, Runner] = dict(models)
         refused: dict[str, str] = {}
+        compiled: dict[str, tuple[float, int]] = {}
+        autocast_dtype = torch.bfloat16 if target.type == "cuda" else None
         if backend == "onnxruntime":
             runners, refused = _onnxruntime_runners(models, images, Path(folder), log)
-        log(f"timing {len(runners)} models: {warmup} warm-up and {rounds} rounds each")
-        rates = time_interleaved(runners, images, rounds, warmup,
-                                 torch.bfloat16 if target.type == "cuda" else None)
+        with _compile_cache(len(models) if backend == "compile" else 0):
+            if backend == "compile":
+                runners, refused, compiled = _compiled_runners(models, images, autocast_dtype, log)
+            log(f"timing {len(runners)} models: {warmup} warm-up and {rounds} rounds each")
+            rates = time_interleaved(runners, images, rounds, warmup, autocast_dtype)
     return [
         BenchRow(name=name, config=configs.get(name), gflops=flops[name] / 1e9,
                  images_per_s=rates.get(name, math.nan), speedup=rates.get(name, math.nan) / rates["dense"],
                  ideal_speedup=flops["dense"] / flops[name], refused=refused.get(name), floor_of=floors.get(name),
                  overhead=(rates[floor_name(name)] / rates[name] - 1
-                           if floor_name(name) in rates and name in rates else None))
+                           if floor_name(name) in rates and name in rates else None),
+                 compile_seconds=compiled.get(name, (None, None))[0], graph_breaks=compiled.get(name, (None, None))[1])
         for name in models
     ]
+
+
+def _compile_cache(models: int):
+    """Room in dynamo's cache for every model: the reduced models share their forward's code, and
+    past its recompile limit dynamo would silently run the rest in eager mode."""
+    if not models:
+        return contextlib.nullcontext()
+    import torch._dynamo
+
+    return torch._dynamo.config.patch(recompile_limit=max(8, 2 * models))
+
+
+COMPILE_TOLERANCE = 1e-3  # compiled logits may differ from eager ones by float reordering, no more
+
+
+def _compiled_runners(models: dict[str, nn.Module], images: Tensor, autocast_dtype: torch.dtype | None,
+                      log: Callable[[str], None]
+                      ) -> tuple[dict[str, Runner], dict[str, str], dict[str, tuple[float, int]]]:
+    """Each model through torch.compile (inductor, static shapes), with (seconds of its first call,
+    compiling included; graph breaks dynamo's explain finds in its forward); a model whose compiled
+    logits differ from its eager ones is refused, saying by how much. The dense model must compile."""
+    import torch._dynamo
+
+    autocast = (torch.autocast(images.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    breaks = {}
+    with torch.inference_mode(), autocast:
+        for name, model in models.items():
+            breaks[name] = torch._dynamo.explain(model)(images).graph_break_count
+        torch._dynamo.reset()  # explain's traces are not the compiled models' own
+        runners, refused, compiled = {}, {}, {}
+        for index, (name, model) in enumerate(models.items()):
+            log(f"compiling {name} ({index + 1}/{len(models)})")
+            runner = torch.compile(model, dynamic=False)
+            start = time.perf_counter()
+            logits = runner(images)
+            _synchronize(images.device)
+            compiled[name] = (time.perf_counter() - start, breaks[name])
+            log(f"  {compiled[name][0]:.1f} s, {breaks[name]} graph break(s)")
+            differs = float((logits.float() - model(images).float()).abs().max())
+            if differs > COMPILE_TOLERANCE * max(1.0, float(logits.float().abs().max())):
+                if name == "dense":
+                    raise RuntimeError(f"torch.compile changed the dense model's logits by up to {differs:.3g}")
+                refused[name] = f"torch.compile changed its logits by up to {differs:.3g}"
+                log(f"  refused: {refused[name]}")
+                continue
+            runners[name] = runner
+    return runners, refused, compiled
 
 
 def _onnxruntime_runners(models: dict[str, nn.Module], images: Tensor, folder: Path,
@@ -155,14 +211,18 @@ def _onnxruntime_runners(models: dict[str, nn.Module], images: Tensor, folder: P
 
 def format_table(rows: list[BenchRow]) -> str:
     """A Markdown table of benchmark rows (refused ones marked, with the reason below)."""
-    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal | over floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    compiled = any(row.compile_seconds is not None for row in rows)
+    lines = ["| config | GFLOPs | img/s | speedup | ideal (FLOPs ratio) | speedup / ideal | over floor |"
+             + (" compile s | graph breaks |" if compiled else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if compiled else "")]
     for row in rows:
+        compile_cells = f" {row.compile_seconds:.1f} | {row.graph_breaks} |" if compiled else ""
         if row.refused:
-            lines.append(f"| {row.name} | {row.gflops:.3f} | refused* | | {row.ideal_speedup:.2f}x | | |")
+            lines.append(f"| {row.name} | {row.gflops:.3f} | refused* | | {row.ideal_speedup:.2f}x | | |"
+                         + compile_cells)
             continue
         over = "" if row.overhead is None else f"{row.overhead:+.1%}"
         lines.append(f"| {row.name} | {row.gflops:.3f} | {row.images_per_s:.1f} | {row.speedup:.2f}x "
-                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} | {over} |")
+                     f"| {row.ideal_speedup:.2f}x | {row.efficiency:.2f} | {over} |{compile_cells}")
     notes = [f"*{row.name}: {row.refused}" for row in rows if row.refused]
     return "\n".join(lines + ([""] + notes if notes else []))

@@ -61,9 +61,6 @@ def validate(name: str, batch_size: int, args: argparse.Namespace) -> tuple[str,
              f"dense: measured {measured['dense']:.1f} img/s, predicted {predicted['dense']:.1f} img/s "
              f"({predicted['dense'] / measured['dense'] - 1:+.1%}); table {table.meta['calibration_seconds']} s "
              f"to calibrate", "",
-             f"whole-forward terms: dense {table.forward_scale:.3f}x the sum of its parts; extra ms per forward, "
-             "per reducing block: " + ", ".join(f"{reducer} {1e3 * c0:+.3f}, {1e3 * c1:+.3f}"
-                                               for reducer, (c0, c1) in sorted(table.forward_extra.items())), "",
              "| config | GFLOPs | measured img/s | predicted img/s | measured speedup | predicted speedup | error |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     errors = []

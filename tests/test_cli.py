@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 
 import pytest
 
@@ -24,6 +25,26 @@ def test_bench_prints_dense_and_each_config(capsys, tmp_path):
                                              "tome r=2 @all [floor]"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["ideal_speedup"] > 1.0
     assert "| evit half |" in out
+
+
+def test_bench_through_torch_compile(capsys):
+    """Inductor for real (a C++ compiler on CPU): compile time and graph breaks per model; a fixed
+    schedule compiles whole, mass-based SaiT's per-batch token count splits the graph."""
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler for torch.compile's CPU kernels (apt-get install -y g++)")
+    code = main(["bench", *TINY, "--config", '{"reducer": "tome", "r": 2}',
+                 "--config", '{"reducer": "sait", "layers": [1], "mass_threshold": 0.5}', "--backend", "compile",
+                 "--no-floor", "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows = {row["name"]: row for row in json.loads(captured.out.strip().splitlines()[-1])}
+    assert list(rows) == ["dense", "tome r=2 @all", "sait mass_threshold=0.5 @1"]
+    assert all(row["refused"] is None and row["images_per_s"] > 0 and row["compile_seconds"] > 0
+               for row in rows.values())
+    assert rows["dense"]["graph_breaks"] == rows["tome r=2 @all"]["graph_breaks"] == 0
+    assert rows["sait mass_threshold=0.5 @1"]["graph_breaks"] >= 1
+    assert "torch.compile (inductor" in captured.out and "| compile s | graph breaks |" in captured.out
+    assert "compiling tome r=2 @all (2/3)" in captured.err
 
 
 @pytest.mark.parametrize("argv, message", [

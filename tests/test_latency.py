@@ -1,6 +1,5 @@
 """Latency tables: the closed-form prediction on hand-made tables, calibration and its cache."""
 
-import dataclasses
 import json
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from autoprune import ConfigError, PruneConfig, apply, calibrate, predict_throughput
 from autoprune.latency import LatencyError, LatencyTable, predict_seconds, reduce_kind
-from autoprune.latency import forward, measure, table as table_module
+from autoprune.latency import measure, table as table_module
 from autoprune.patch import Reduction, TokenReducer, architecture, attention_half
 from conftest import make_model
 
@@ -54,44 +53,6 @@ def test_fixed_schedule_prediction_by_hand():
     assert predict_seconds(table, tome) == pytest.approx(0.2 + sum(blocks) + 0.1)
     # between grid points (6 tokens) the table is read linearly
     assert table.block_seconds("prop", 6) == pytest.approx(8)
-
-
-def test_forward_terms_scale_the_parts_and_add_the_reducers_costs():
-    parts = synthetic_table()
-    evit = PruneConfig(reducer="evit", layers=(1, 2), keep_rate=0.5)
-    tome = PruneConfig(reducer="tome", r=2)
-    table = dataclasses.replace(parts, forward_scale=2.0, forward_extra={"evit": [0.1, 0.05]})
-    assert predict_seconds(table, None) == pytest.approx(2 * predict_seconds(parts, None))
-    assert predict_seconds(table, evit) == pytest.approx(2 * predict_seconds(parts, evit) + 0.1 + 2 * 0.05)
-    assert predict_seconds(table, tome) == pytest.approx(2 * predict_seconds(parts, tome))  # no terms for tome
-    # the terms' noise never takes a forward below half its scaled parts
-    table.forward_extra["evit"] = [-1e3, 0.0]
-    assert predict_seconds(table, evit) == pytest.approx(predict_seconds(parts, evit))
-
-
-def test_forward_terms_are_fitted_from_whole_forwards():
-    assert forward.fit_terms([(1, 0.3), (5, 0.7)]) == pytest.approx([0.2, 0.1])
-    assert forward.fit_terms([(1, 0.3), (3, 0.5), (5, 0.7)]) == pytest.approx([0.2, 0.1])
-    assert forward.fit_terms([(1, 0.3)]) == pytest.approx([0.0, 0.3])
-    parts = synthetic_table()
-    kinds = {"evit": PruneConfig(reducer="evit", layers=(0,), keep_rate=0.5),
-             "tome": PruneConfig(reducer="tome", layers=(0,), r=1),
-             "sait-mass": PruneConfig(reducer="sait", layers=(0,), mass_threshold=0.5)}
-    configs = forward.forward_configs(kinds, DEPTH, PATCHES)
-    assert configs["dense"] is None and configs["evit/one"].layers == (1,) and configs["evit/all"].layers == (1, 2)
-    assert configs["tome/one"].r == 2 and configs["tome/all"].r == 2 and configs["evit/all"].keep_rate == 0.9
-    assert configs["sait/one"].mass_threshold == 0.7 and "sait/all" not in configs
-    found = {name: None for name in configs}
-    found["sait/one"] = [Reduction(block=1, counts=torch.tensor([4, 6]), merged_only=torch.zeros(2, dtype=torch.bool))]
-    terms = {"evit": (0.1, 0.05), "tome": (-0.2, 0.01), "sait": (0.0, 0.3)}
-    seconds = {}
-    for name, cfg in configs.items():
-        extra = 0.0 if cfg is None else terms[cfg.reducer][0] + terms[cfg.reducer][1] * len(cfg.resolved_layers(DEPTH))
-        seconds[name] = 1.5 * predict_seconds(parts, cfg, found[name]) + extra
-    fitted = forward.with_forward_terms(parts, seconds, configs, found)
-    assert fitted.forward_scale == pytest.approx(1.5)
-    for reducer, expected in terms.items():
-        assert fitted.forward_extra[reducer] == pytest.approx(expected)
 
 
 def test_ppt_is_expected_over_which_branch_each_image_takes():
@@ -171,13 +132,6 @@ def test_calibration_times_every_part_and_predicts(tmp_path, images, one_thread)
     assert predict_throughput(model, PruneConfig(reducer="sait", layers=(1,), mass_threshold=0.6), table,
                               images=images) > 0
     assert type(model).__name__ == "VisionTransformer"  # left as it was
-    # whole forwards: the dense one is predicted as measured; each reducer has its two terms
-    forwards = table.meta["forward_seconds"]
-    assert set(forwards) == {"dense", "tome/one", "tome/all", "ppt/one", "ppt/all", "sait/one"}
-    assert predict_seconds(table, None) == pytest.approx(forwards["dense"])
-    assert table.forward_scale > 0 and set(table.forward_extra) == {"tome", "ppt", "sait"}
-    assert table.forward_extra["sait"][0] == 0  # one block count: all of its excess is per block
-    assert LatencyTable.load(next(tmp_path.glob("*.json"))) == table
 
 
 def test_ppt_mixed_calibration_really_mixes():

@@ -46,8 +46,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         runtime = (f"onnxruntime {onnxruntime.__version__} CPU provider (fp32, {torch.get_num_threads()} threads, "
                    f"opset {OPSET}, all graph optimisations)")
     else:
+        compiled = "torch.compile (inductor, static shapes)" if args.backend == "compile" else "no torch.compile"
         runtime = (f"device {args.device} ({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
-                   f"{torch.get_num_threads()} threads) | fused attention | no torch.compile")
+                   f"{torch.get_num_threads()} threads) | fused attention | {compiled}")
     header = (f"model {' '.join(filter(None, (args.model, args.model_kwargs)))} | {runtime} | batch {args.batch_size} | "
               f"median of {args.rounds} interleaved rounds")
     table = format_table(rows)
@@ -82,9 +83,10 @@ def register(commands) -> None:
     bench.add_argument("--rounds", type=int, default=7, help="timed rounds, median reported (default: %(default)s)")
     bench.add_argument("--warmup", type=int, default=2, help="untimed passes per model (default: %(default)s)")
     bench.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
-    bench.add_argument("--backend", default="eager", choices=("eager", "onnxruntime"),
-                       help="run the models in PyTorch, or exported to ONNX in onnxruntime's CPU provider "
-                            "(default: %(default)s)")
+    bench.add_argument("--backend", default="eager", choices=("eager", "compile", "onnxruntime"),
+                       help="run the models in PyTorch as they are, through torch.compile (compile time and "
+                            "graph breaks reported; on CPU it needs a C++ compiler), or exported to ONNX in "
+                            "onnxruntime's CPU provider (default: %(default)s)")
     bench.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     bench.add_argument("--out", help="also write the table (Markdown) to this file")
     bench.add_argument("--json", action="store_true", help="also print the rows as JSON")

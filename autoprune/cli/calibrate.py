@@ -13,8 +13,7 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "calibrate", help="time a model's parts on this device: the table throughput predictions read",
         description="Time a timm ViT's parts (blocks at a grid of token counts, with and without key bias, "
-                    "each reducer's own work, embedding and head) and a few whole forwards on this device, "
-                    "interleaved, and cache "
+                    "each reducer's own work, embedding and head) on this device, interleaved, and cache "
                     "the latency table under --out, one per batch size. predict_throughput and speed "
                     "budgets read it.")
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
@@ -77,7 +76,3 @@ def run(args: argparse.Namespace) -> None:
                           cache_dir=args.out, refresh=args.refresh, progress=lambda line: print(line, flush=True))
         print(f"  dense: {predict_throughput(model, None, table):.1f} img/s predicted at batch {batch_size}",
               flush=True)
-        terms = ", ".join(f"{reducer} {1e3 * per_forward:+.3f} {1e3 * per_block:+.3f}"
-                          for reducer, (per_forward, per_block) in sorted(table.forward_extra.items()))
-        print(f"  whole forward: dense {table.forward_scale:.3f}x the sum of its parts; reducers' extra ms "
-              f"per forward, per reducing block: {terms}", flush=True)

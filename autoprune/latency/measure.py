@@ -1,8 +1,7 @@
 """`calibrate`: time a model's parts at the token counts configs can produce.
 
 Every part is timed once per round, parts in a fresh seeded order, after an untimed warm-up round;
-the median round is kept, so a machine that slows down for a while slows every part alike. Each
-round also times a few whole forwards, for the table's forward terms (`forward.py`).
+the median round is kept, so a machine that slows down for a while slows every part alike.
 Weights and images are random: fixed-schedule work does not depend on them.
 """
 
@@ -24,7 +23,6 @@ from torch import nn
 from ..config import PruneConfig
 from ..patch import TokenReducer, apply, attention_half, embed, head, run_block
 from ..reducers import NEEDS_PROBS, Tokens
-from .forward import forward_configs, forward_models, observed, with_forward_terms
 from .table import (BIAS_VARIANTS, DEFAULT_CACHE, PPT_BRANCHES, LatencyTable, reduce_kind, table_identity,
                     table_path)
 
@@ -117,9 +115,6 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
             # follow different parts from round to round, or its median carries one neighbour's cost
             order = random.Random(round_index).sample(grid, len(grid))
             timer.time(("embed",), parts.embed, record=round_index >= 0)
-            names = list(parts.forwards)
-            for name in random.Random(f"{round_index}/forward").sample(names, len(names)):
-                timer.time(("forward", name), parts.forwards[name], record=round_index >= 0)
             for n in order:
                 items = parts.items(n, seed=n)
                 for key, run in random.Random(f"{round_index}/{n}").sample(items, len(items)):
@@ -132,10 +127,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     seconds = timer.medians()
     meta = {**identity, "grid_rounds": rounds, "calibration_seconds": round(time.perf_counter() - started, 1),
             "kinds": {kind: cfg.to_dict() for kind, cfg in kinds.items()}}
-    forwards = {name: seconds[("forward", name)] for name in parts.forwards}
-    meta["forward_seconds"] = forwards
-    table = _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
-    return with_forward_terms(table, forwards, parts.forward_configs, parts.forward_found)
+    return _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
 
 
 class _Timer:
@@ -178,10 +170,6 @@ class _Parts:
         self.images = torch.randn(batch_size, embed_layer.proj.in_channels, *embed_layer.img_size, device=device)
         self.outputs: dict[tuple, tuple[int, bool]] = {}  # reduce part -> (tokens out, nothing done)
         self.needs_probs = {_bias_variant(cfg) for cfg in kinds.values() if cfg.score in NEEDS_PROBS}
-        self.forward_configs = forward_configs(kinds, len(model.blocks), embed_layer.num_patches)
-        models = forward_models(model, self.forward_configs)
-        self.forward_found = observed(models, self.forward_configs, self.images)
-        self.forwards = {name: lambda m=m: m(self.images) for name, m in models.items()}
 
     def embed(self) -> None:
         embed(self.model, self.images)

@@ -51,20 +51,7 @@ def predict_throughput(model: nn.Module, cfg: PruneConfig | None, table: Latency
 def predict_seconds(table: LatencyTable, cfg: PruneConfig | None,
                     found: list[Reduction] | None = None) -> float:
     """Seconds per batch; `found` (from `patch.reductions` on calibration images) gives the
-    per-image token counts of mass-based sait and the branches ppt took.
-
-    The sum of the parts, scaled as the dense model's whole forward was, plus the reducer's
-    whole-forward terms (cost per forward and per reducing block; `forward.py`)."""
-    parts = _parts_seconds(table, cfg, found)
-    seconds = table.forward_scale * parts
-    if cfg is not None and cfg.reducer in table.forward_extra:
-        per_forward, per_block = table.forward_extra[cfg.reducer]
-        seconds += per_forward + per_block * len(cfg.resolved_layers(table.depth))
-    # the terms are fitted from a few forwards: their noise must never make a forward vanish
-    return max(seconds, table.forward_scale * parts / 2)
-
-
-def _parts_seconds(table: LatencyTable, cfg: PruneConfig | None, found: list[Reduction] | None) -> float:
+    per-image token counts of mass-based sait and the branches ppt took."""
     if cfg is None or cfg.reducer == "none":
         return _seconds(table, None, block_token_counts(None, table.depth, table.patches), {})
     layers = cfg.resolved_layers(table.depth)

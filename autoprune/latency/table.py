@@ -70,9 +70,6 @@ class LatencyTable:
     reduce[kind][i]:       [(tokens out / tokens in, seconds)] for the reducer at grid[i] tokens, with
                            the key bias its output needs (blocks that follow reuse it)
     embed, head[i]:        patch embedding; final norm, pooling and classifier
-    forward_scale:         the dense model's whole forward over the sum of its parts
-    forward_extra[reducer]: [seconds per forward, seconds per reducing block] a reduced model's
-                           whole forward takes beyond its scaled parts (see `forward.py`)
     """
 
     meta: dict[str, Any]
@@ -87,8 +84,6 @@ class LatencyTable:
     attention: dict[str, list[float]]
     probs_extra: dict[str, list[float]]
     reduce: dict[str, list[list[tuple[float, float]]]]
-    forward_scale: float = 1.0
-    forward_extra: dict[str, list[float]] = field(default_factory=dict)
     _curves: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -191,9 +186,8 @@ def _cpu_name() -> str:
 
 
 # how parts are timed (3: blocks chained as in a forward, parts in a seeded random order each
-# round; 4: and whole forwards for the forward terms); a cached table of another method is
-# measured again
-METHOD = 4
+# round); a cached table of another method is measured again
+METHOD = 3
 
 
 def table_identity(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
