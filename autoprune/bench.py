@@ -153,6 +153,10 @@ def _compile_cache(models: int):
 COMPILE_TOLERANCE = 1e-3  # compiled logits may differ from eager ones by float reordering, no more
 
 
+class CompileError(RuntimeError):
+    """torch.compile changed the dense model's outputs: no compiled timing can be trusted."""
+
+
 def _compiled_runners(models: dict[str, nn.Module], images: Tensor, autocast_dtype: torch.dtype | None,
                       log: Callable[[str], None]
                       ) -> tuple[dict[str, Runner], dict[str, str], dict[str, tuple[float, int]]]:
@@ -180,7 +184,7 @@ def _compiled_runners(models: dict[str, nn.Module], images: Tensor, autocast_dty
             differs = float((logits.float() - model(images).float()).abs().max())
             if differs > COMPILE_TOLERANCE * max(1.0, float(logits.float().abs().max())):
                 if name == "dense":
-                    raise RuntimeError(f"torch.compile changed the dense model's logits by up to {differs:.3g}")
+                    raise CompileError(f"torch.compile changed the dense model's logits by up to {differs:.3g}")
                 refused[name] = f"torch.compile changed its logits by up to {differs:.3g}"
                 log(f"  refused: {refused[name]}")
                 continue

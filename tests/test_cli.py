@@ -47,6 +47,13 @@ def test_bench_through_torch_compile(capsys):
     assert "compiling tome r=2 @all (2/3)" in captured.err
 
 
+def test_bench_compile_without_a_compiler_exits_2_with_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["bench", *TINY, "--backend", "compile"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend compile: torch.compile needs a C++ compiler" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--model", "vit_nonexistent"], "--model: unknown timm model 'vit_nonexistent'"),
     (["bench", *TINY[:2], "--model-kwargs", "img_size"], "--model-kwargs: 'img_size' is not KEY=VALUE"),

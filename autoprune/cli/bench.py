@@ -23,7 +23,9 @@ DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
 
-    from ..bench import benchmark, format_table
+    import shutil
+
+    from ..bench import CompileError, benchmark, format_table
     from ..onnx_export import OPSET, OnnxExportError
 
     if args.threads:
@@ -32,13 +34,16 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise UsageError(f"--device: {args.device!r} but no CUDA device is available (use cpu)")
     if args.backend == "onnxruntime" and args.device != "cpu":
         raise UsageError(f"--device: {args.device!r} with --backend onnxruntime; accepted: cpu (its CPU provider)")
+    if args.backend == "compile" and args.device == "cpu" and not (shutil.which("g++") or shutil.which("c++")):
+        raise UsageError("--backend compile: torch.compile needs a C++ compiler on CPU and none was found "
+                         "(install g++, or use --backend eager)")
     configs = load_configs(args.config) if args.config else DEFAULT_BENCH_CONFIGS
     model = create_model(args.model, parse_model_kwargs(args.model_kwargs))
     try:
         rows = benchmark(model, configs, batch_size=args.batch_size, rounds=args.rounds,
                          warmup=args.warmup, device=args.device, backend=args.backend, floor=not args.no_floor,
                          log=lambda line: print(line, file=sys.stderr))
-    except (ConfigError, OnnxExportError) as error:
+    except (ConfigError, OnnxExportError, CompileError) as error:
         raise UsageError(str(error)) from None
     if args.backend == "onnxruntime":
         import onnxruntime
