@@ -21,7 +21,7 @@ from autoprune.data import SyntheticOptions
 from autoprune.search import SearchError, SearchSettings
 from autoprune.search import search as _search
 from autoprune.search.retime import FRONT_ROUNDS, FrontTiming
-from autoprune.study_attrs import (OUTCOME, PROMOTED_ATTR, REASON, RETRY_OF, RUNG, RUNG_ACCURACY, SCREEN_ACCURACY,
+from autoprune.study_attrs import (OUTCOME, PROMOTED_ATTR, REASON, RETRY_OF, RUNG, RUNG_ACCURACY, SCREEN_ACCURACY, SETTINGS_ATTR,
                                    SCREEN_TAU_ATTR, SCREEN_TRIAL, WARM_START)
 from autoprune.lease import StudyLease
 from autoprune.storage import open_storage
@@ -87,7 +87,9 @@ def test_search_finishes_the_requested_trials_within_budget(ray_session, workdir
     assert any("Pareto front" in line for line in lines)
     # the front re-timed against dense with more rounds than a trial's own timing, and printed
     timing = FrontTiming.of(study)
-    assert timing is not None and (timing.rounds, timing.batch_size) == (FRONT_ROUNDS, 32) and timing.dense > 0
+    # on a CPU the serving batch defaults to 1 (latency), stored with the study's settings
+    assert study.user_attrs[SETTINGS_ATTR]["serve_batch"] == 1
+    assert timing is not None and (timing.rounds, timing.batch_size) == (FRONT_ROUNDS, 1) and timing.dense > 0
     assert set(timing.trials) == {t.number for t in result.front} and all(r > 0 for r in timing.trials.values())
     printed = next(line for line in lines if "Pareto front" in line)
     assert f"median of {FRONT_ROUNDS} interleaved rounds" in printed
@@ -104,8 +106,8 @@ def test_a_speed_budget_is_met_by_prediction_and_resumes_only_at_the_same_servin
     from autoprune.study_attrs import DENSE_ATTR
 
     lines = []
-    result = search(tiny_settings(budget="1.05x"), trials=2, study_name="fast", storage=storage_url(workdir),
-                    log=lines.append)
+    result = search(tiny_settings(budget="1.05x", serve_batch=32), trials=2, study_name="fast",
+                    storage=storage_url(workdir), log=lines.append)
     study = optuna.load_study(study_name="fast", storage=storage_url(workdir))
     dense = study.user_attrs[DENSE_ATTR]
     assert dense["serve_batch"] == 32 and dense["predicted_throughput"] > 0
@@ -120,8 +122,8 @@ def test_a_speed_budget_is_met_by_prediction_and_resumes_only_at_the_same_servin
     with pytest.raises(SearchError, match=r"refusing to resume: serve_batch: stored 32, requested 64"):
         search(tiny_settings(budget="1.05x", serve_batch=64), trials=3, study_name="fast", storage=storage_url(workdir),
                log=lambda line: None)
-    again = search(tiny_settings(budget="1.05x"), trials=2, study_name="fast", storage=storage_url(workdir),
-                   log=lambda line: None)
+    again = search(tiny_settings(budget="1.05x", serve_batch=32), trials=2, study_name="fast",
+                   storage=storage_url(workdir), log=lambda line: None)
     assert again.finished == 2
 
 

@@ -169,3 +169,10 @@ def test_the_search_speed_model_prices_mass_sait_from_the_calibration_scores(tmp
     ppt = PruneConfig(reducer="ppt", layers=(1, 2), r=8)
     assert speed.throughput(ppt) == pytest.approx(predict_throughput(model, ppt, table, images=images), rel=1e-9)
     assert speed.dense == pytest.approx(predict_throughput(model, None, table))
+
+
+def test_the_serving_batch_defaults_to_1_on_a_cpu_and_64_on_cuda():
+    from autoprune.search.speed import default_serve_batch
+
+    assert default_serve_batch("cpu") == 1
+    assert default_serve_batch("cuda") == default_serve_batch("cuda:1") == 64

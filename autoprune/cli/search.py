@@ -261,6 +261,7 @@ def register(commands) -> None:
                              "stopped ones end PRUNED and never reach the front; 0: off (default: 0)")
     search.add_argument("--serve-batch", type=int, metavar="B",
                         help="batch size the throughput objective and speed budgets are predicted at, from the latency "
-                             "table calibrated for the model on this device (cached under studies/latency; default: 32)")
+                             "table calibrated for the model on this device (cached under studies/latency; default: 1 on a "
+                             "CPU, 64 on CUDA)")
     search.add_argument("--early-stopping", action="store_true", default=None, help=argparse.SUPPRESS)
     search.set_defaults(run=cmd_search)

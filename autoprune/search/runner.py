@@ -45,7 +45,7 @@ from .proposals import PROPOSALS, ProposalError, Proposer, cheapest_cost
 from .retime import retime_front
 from .screen import ScreenError, promotion_slots, screen_and_promote, screen_study, screen_tau
 from .searcher import fine_tuning_searcher, recover_interrupted
-from .speed import Limit, SpeedModel
+from .speed import Limit, SpeedModel, default_serve_batch
 from .space import Candidate, SearchSpace
 from .summary import format_front, format_stages
 from .warm_start import enqueue_warm_starts
@@ -76,7 +76,8 @@ class SearchSettings:
     screen: int = field(default_factory=lambda: get_preset("deit_small").screen)  # 0: no screening
     screen_images: int = field(default_factory=lambda: get_preset("deit_small").screen_images)
     halving: int = 0  # successive halving's eta (keep the best 1/eta at each rung); 0: off
-    serve_batch: int = 32  # batch size the throughput objective and speed budgets are predicted at
+    serve_batch: int | None = None  # batch the throughput objective and speed budgets are predicted at;
+    # None: the device's (speed.default_serve_batch: 1 on a CPU, 64 on CUDA), stored as that number
 
     @classmethod
     def from_preset(cls, name: str, budget: str, **changes) -> "SearchSettings":
@@ -155,6 +156,8 @@ def search(
     if study_name.endswith(SCREEN_SUFFIX):
         raise SearchError(f"--study: {study_name!r} ends in {SCREEN_SUFFIX!r}, the name of a study's screens; "
                           "accepted: any other name")
+    if settings.serve_batch is None:
+        settings = dataclasses.replace(settings, serve_batch=default_serve_batch(settings.device))
     if not isinstance(settings.serve_batch, int) or isinstance(settings.serve_batch, bool) or settings.serve_batch < 1:
         raise SearchError(f"serve_batch: {settings.serve_batch!r} is invalid; accepted: a positive integer")
     budget = _parse(parse_budget, settings.budget, BudgetError)

@@ -22,6 +22,19 @@ from .budget import Budget, format_flops
 from .calibration import Calibration
 
 
+# The batch a search predicts and times throughput at unless told (`--serve-batch`). On a CPU a
+# model serves one request at a time: DeiT-S on 2 cores runs 15.8 img/s at batch 1 and 17.0 at
+# batch 32 (benchmarks/latency_validation_cpu.md), so batching buys 8 % more images for 32 times
+# the latency, and reductions rank differently at the two sizes. On a GPU, batch 64, the size the
+# EViT and ToMe reference benchmarks time at: batch 1 leaves a GPU idle between kernels.
+DEFAULT_SERVE_BATCH = {"cpu": 1, "cuda": 64}
+
+
+def default_serve_batch(device: str) -> int:
+    """The serving batch size of `device` ("cpu", "cuda", "cuda:1", ...) when none is given."""
+    return DEFAULT_SERVE_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+
+
 class SpeedModel:
     """Predicted images/s of configs of `model` on `table`, cached per config. Configs whose work
     depends on the images are expected over the `calibration` batch: mass-based SaiT from its
