@@ -1,6 +1,7 @@
 """The command line: bench on a tiny model, and bad input ending with exit 2 and one line."""
 
 import json
+import os
 import re
 import shutil
 
@@ -29,22 +30,30 @@ def test_bench_prints_dense_and_each_config(capsys, tmp_path):
 
 def test_bench_through_torch_compile(capsys):
     """Inductor for real (a C++ compiler on CPU): compile time and graph breaks per model; a fixed
-    schedule compiles whole, mass-based SaiT's per-batch token count splits the graph."""
+    schedule compiles whole, mass-based SaiT's per-batch token count splits the graph. Each config
+    is compiled and timed in its own group, beside the dense model and its floor."""
     if shutil.which("g++") is None:
         pytest.skip("needs a C++ compiler for torch.compile's CPU kernels (apt-get install -y g++)")
+    cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     code = main(["bench", *TINY, "--config", '{"reducer": "tome", "r": 2}',
                  "--config", '{"reducer": "sait", "layers": [1], "mass_threshold": 0.5}', "--backend", "compile",
-                 "--no-floor", "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--json"])
+                 "--batch-size", "2", "--rounds", "2", "--warmup", "1", "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     rows = {row["name"]: row for row in json.loads(captured.out.strip().splitlines()[-1])}
-    assert list(rows) == ["dense", "tome r=2 @all", "sait mass_threshold=0.5 @1"]
+    tome, sait = "tome r=2 @all", "sait mass_threshold=0.5 @1"
+    assert list(rows) == ["dense", tome, f"{tome} [floor]", sait, f"{sait} [floor]"]
     assert all(row["refused"] is None and row["images_per_s"] > 0 and row["compile_seconds"] > 0
                for row in rows.values())
-    assert rows["dense"]["graph_breaks"] == rows["tome r=2 @all"]["graph_breaks"] == 0
-    assert rows["sait mass_threshold=0.5 @1"]["graph_breaks"] >= 1
+    assert rows["dense"]["graph_breaks"] == rows[tome]["graph_breaks"] == rows[f"{tome} [floor]"]["graph_breaks"] == 0
+    assert rows[sait]["graph_breaks"] >= 1
+    assert rows[tome]["overhead"] is not None and rows[sait]["overhead"] is not None
     assert "torch.compile (inductor" in captured.out and "| compile s | graph breaks |" in captured.out
-    assert "compiling tome r=2 @all (2/3)" in captured.err
+    assert "a config at a time with the dense model and its floor" in captured.out
+    assert f"group 1/2: dense, {tome}, {tome} [floor]" in captured.err
+    assert f"group 2/2: dense, {sait}, {sait} [floor]" in captured.err
+    assert "Graph break" not in captured.err  # dynamo's warnings stay out: the table counts breaks
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == cache_dir  # the fresh cache folder was only for the run
 
 
 def test_bench_compile_without_a_compiler_exits_2_with_one_line(capsys, monkeypatch):

@@ -55,7 +55,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
         runtime = (f"device {args.device} ({'bf16 autocast' if args.device.startswith('cuda') else 'fp32'}, "
                    f"{torch.get_num_threads()} threads) | fused attention | {compiled}")
     header = (f"model {' '.join(filter(None, (args.model, args.model_kwargs)))} | {runtime} | batch {args.batch_size} | "
-              f"median of {args.rounds} interleaved rounds")
+              f"median of {args.rounds} interleaved rounds"
+              + (" (a config at a time with the dense model and its floor, each group compiled afresh)"
+                 if args.backend == "compile" else ""))
     table = format_table(rows)
     print(header, table, sep="\n\n")
     if args.out:
