@@ -90,10 +90,17 @@ class SearchSettings:
                                        recipe=recipes.trial, baseline_recipe=recipes.baseline, device=preset.device,
                                        screen=preset.screen, screen_images=preset.screen_images), **changes)
 
+    @property
+    def serving_batch(self) -> int:
+        """`serve_batch`, or the device's default (1 on a CPU, 64 on CUDA) when none was given."""
+        return default_serve_batch(self.device) if self.serve_batch is None else self.serve_batch
+
     def to_record(self, space: SearchSpace) -> dict[str, Any]:
         """JSON-ready record stored with the study (the space and a teacher checkpoint by content,
-        not by file name; no teacher key without one, as studies made before teachers)."""
+        not by file name; no teacher key without one, as studies made before teachers; the
+        serving batch as a number, whether given or the device's default)."""
         record = dataclasses.asdict(self)
+        record["serve_batch"] = self.serving_batch
         record["space"] = space.data
         del record["teacher"]
         if self.teacher is not None:
@@ -156,8 +163,7 @@ def search(
     if study_name.endswith(SCREEN_SUFFIX):
         raise SearchError(f"--study: {study_name!r} ends in {SCREEN_SUFFIX!r}, the name of a study's screens; "
                           "accepted: any other name")
-    if settings.serve_batch is None:
-        settings = dataclasses.replace(settings, serve_batch=default_serve_batch(settings.device))
+    settings = dataclasses.replace(settings, serve_batch=settings.serving_batch)
     if not isinstance(settings.serve_batch, int) or isinstance(settings.serve_batch, bool) or settings.serve_batch < 1:
         raise SearchError(f"serve_batch: {settings.serve_batch!r} is invalid; accepted: a positive integer")
     budget = _parse(parse_budget, settings.budget, BudgetError)
