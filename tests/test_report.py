@@ -248,7 +248,9 @@ def test_cli_search_ends_by_writing_the_report(built, tmp_path, monkeypatch, cap
                         lambda settings, **options: SearchResult("s", storage, 5, [], 8, 1))
     assert main(["search", "--preset", "quickstart", "--budget", "75%"]) == 0
     assert (tmp_path / "studies" / "s" / "report.html").is_file()
-    assert capsys.readouterr().out.strip().endswith("report: " + str(Path("studies") / "s" / "report.html"))
+    out = capsys.readouterr().out
+    assert out.strip().endswith("report: " + str(Path("studies") / "s" / "report.html"))
+    assert "device cpu (serving batch 1)" in out  # the CPU default, said before anything runs
 
 
 def test_report_says_what_screening_and_successive_halving_did(tmp_path, capsys):

@@ -171,7 +171,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                  else "no screening")
     print(f"autoprune search: preset {options['preset']}, model {model.name} {model.kwargs or ''} ({model.init}), "
           f"data {settings.data}, space {settings.space}, budget {settings.budget}, trials {options['trials']}, "
-          f"seed {settings.seed}, device {settings.device}, {screening}, "
+          f"seed {settings.seed}, device {settings.device} (serving batch {settings.serving_batch}), {screening}, "
           f"successive halving {f'eta {settings.halving}' if settings.halving else 'off'}, "
           f"teacher {f'{teacher.name} ({teacher.weights})' if teacher else 'the dense baseline'}")
     print(f"recipes: baseline {_describe(baseline_recipe)}; trials {_describe(recipe)}")
