@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -22,8 +23,6 @@ DEFAULT_BENCH_CONFIGS = {  # the papers' DeiT-S settings, one per reducer
 
 def cmd_bench(args: argparse.Namespace) -> None:
     import torch
-
-    import shutil
 
     from ..bench import CompileError, benchmark, format_table
     from ..onnx_export import OPSET, OnnxExportError
