@@ -15,6 +15,7 @@ same load. Quick check of the script itself: --models quickstart --batch-sizes 2
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import sys
@@ -51,16 +52,18 @@ def validate(name: str, batch_size: int, args: argparse.Namespace) -> tuple[str,
     images = torch.randn(batch_size, embed.proj.in_channels, *embed.img_size, device=args.device)
     dense = apply(model, None).to(args.device)
     models = {"dense": dense, **{label: apply(build().eval().to(args.device), cfg) for label, cfg in configs.items()}}
+    rounds = args.rounds or _rounds_for(models, images)
     started = time.perf_counter()
-    measured = time_interleaved(models, images, rounds=args.rounds, warmup=args.warmup)
+    measured = time_interleaved(models, images, rounds=rounds, warmup=args.warmup)
     print(f"  {name} batch {batch_size}: {len(models)} models timed in {time.perf_counter() - started:.0f} s")
+    table_rounds = table.meta["grid_rounds"]
     predicted = {label: predict_throughput(m, configs.get(label), table, images=images)
                  for label, m in models.items()}
     dense_flops = count_flops(dense)
     lines = [f"### {name}, batch {batch_size}", "",
              f"dense: measured {measured['dense']:.1f} img/s, predicted {predicted['dense']:.1f} img/s "
              f"({predicted['dense'] / measured['dense'] - 1:+.1%}); table {table.meta['calibration_seconds']} s "
-             f"to calibrate", "",
+             f"to calibrate ({table_rounds} rounds); measured over {rounds} interleaved rounds (median)", "",
              "| config | GFLOPs | measured img/s | predicted img/s | measured speedup | predicted speedup | error |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     errors = []
@@ -77,13 +80,26 @@ def validate(name: str, batch_size: int, args: argparse.Namespace) -> tuple[str,
     return "\n".join(lines), errors
 
 
+def _rounds_for(models: dict, images: torch.Tensor) -> int:
+    """Interleaved rounds filling about a minute (15 to 300): a 4 ms forward's median moves by
+    10 % between runs of 15 rounds on a shared CPU, and by 3 % over 200."""
+    with torch.inference_mode():
+        for model in models.values():  # warm, untimed
+            model(images)
+        started = time.perf_counter()
+        for model in models.values():
+            model(images)
+    return min(max(math.ceil(60 / (time.perf_counter() - started)), 15), 300)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="deit_small,quickstart")
     parser.add_argument("--batch-sizes", default="1,32")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median)")
+    parser.add_argument("--rounds", type=int, help="interleaved timing rounds, median kept "
+                                                   "(default: as many as fill about a minute, 15 to 300)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--calibration-rounds", type=int, default=5)
+    parser.add_argument("--calibration-rounds", type=int, help="(default: calibrate's)")
     parser.add_argument("--grid", help="token counts to calibrate (default: calibrate's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -105,7 +121,7 @@ def main() -> None:
         "Command:", "", "    PYTHONPATH=. python " + " ".join(sys.argv), "",
         f"Machine: {platform.machine()} {platform.processor() or ''}, {args.threads} threads, device {args.device}, "
         f"torch {torch.__version__}, timm {timm.__version__}; fp32, fused attention, no torch.compile; "
-        f"{args.rounds} interleaved rounds (median); tables from {args.calibration_rounds} calibration rounds.", "",
+        "rounds of each table and timing in its section.", "",
         f"Over all {len(errors)} configs: median |error| {median:.1%}, worst {worst:.1%} "
         f"(goal: median <= 5 %, worst <= 10 %: {verdict}).", "",
         "error = predicted speedup / measured speedup - 1 (speedups over the dense model, same table / same run).", "",

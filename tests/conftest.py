@@ -10,6 +10,7 @@ import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
+from autoprune.latency import measure
 from fixtures_browser import artifacts, chromium  # noqa: F401  (fixtures)
 from fixtures_postgres import postgres_url  # noqa: F401
 
@@ -35,6 +36,13 @@ def make_model(variant: str = "plain", seed: int = 0) -> VisionTransformer:
         for block in model.blocks:
             block.attn.qkv.weight[: 2 * model.embed_dim] *= 4
     return model
+
+
+@pytest.fixture(autouse=True)
+def quick_calibration(monkeypatch):
+    """Latency tables in tests check what is timed, not how closely: the fewest rounds (calibrate's
+    default fills about 30 s a table, and every search test calibrates its own)."""
+    monkeypatch.setattr(measure, "ROUNDS_TARGET_SECONDS", 0.0)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Latency tables: the closed-form prediction on hand-made tables, calibration and its cache."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from autoprune import ConfigError, PruneConfig, apply, calibrate, predict_throughput
 from autoprune.latency import LatencyError, LatencyTable, predict_seconds, reduce_kind
 from autoprune.latency import measure, table as table_module
-from autoprune.patch import Reduction, TokenReducer, architecture, attention_half
+from autoprune.patch import Reduction, TokenReducer, architecture, attention_half, reductions
 from conftest import make_model
 
 PATCHES, DEPTH = 8, 3
@@ -83,6 +84,35 @@ def test_mass_sait_counts_the_padding_a_batch_computes():
     assert predict_seconds(table, cfg, [kept]) == pytest.approx(sum(p * cost(k) for k, p in chances.items()))
 
 
+def test_a_whole_forward_costs_its_parts_plus_the_excess_calibrated_for_it():
+    parts = synthetic_table()
+    table = dataclasses.replace(parts, forward_excess=0.5, reduce_excess=(0.2, 0.1))
+    assert predict_seconds(table, None) == pytest.approx(predict_seconds(parts, None) + 0.5)
+    evit = PruneConfig(reducer="evit", layers=(1,), keep_rate=0.5)
+    assert predict_seconds(table, evit) == pytest.approx(predict_seconds(parts, evit) + 0.5 + 0.2 + 0.1)
+    tome = PruneConfig(reducer="tome", r=2)  # every one of the 3 blocks reduces
+    assert predict_seconds(table, tome) == pytest.approx(predict_seconds(parts, tome) + 0.5 + 0.2 + 3 * 0.1)
+    assert LatencyTable.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+
+
+def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thread):
+    """Forwards built to cost their parts + 0.3 s (dense) and + 0.02 s a reduced forward + 0.01 s a
+    reducing block beyond that: the fit recovers the three figures."""
+    model = make_model()
+    table = dataclasses.replace(tiny_calibration(model, tmp_path), forward_excess=0.0, reduce_excess=(0.0, 0.0))
+    parts = measure._Parts(apply(model, None), 2, torch.device("cpu"), {measure.reduce_kind(k): k for k in TINY_KINDS})
+    # one probe per reducer, alternating between the middle block and every block but the first
+    assert {kind: cfg.layers for kind, (cfg, _) in parts.probes.items()} == \
+        {"tome": (2,), "ppt": (1, 2, 3), "sait-mass": (2,)}
+    seconds = {("forward", "dense"): predict_seconds(table, None) + 0.3}
+    for kind, (cfg, probe) in parts.probes.items():
+        found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
+        seconds[("forward", kind)] = predict_seconds(table, cfg, found) + 0.3 + 0.02 + 0.01 * len(cfg.layers)
+    fitted = measure._with_forward_excess(table, seconds, parts)
+    assert fitted.forward_excess == pytest.approx(0.3)
+    assert fitted.reduce_excess == pytest.approx((0.02, 0.01))
+
+
 def test_predict_throughput_checks_its_inputs():
     model = make_model()
     table = synthetic_table(architecture_digest=table_module.architecture_digest(model))
@@ -115,7 +145,8 @@ TINY_KINDS = (PruneConfig(reducer="tome", layers=(0,), r=1), PruneConfig(reducer
 
 
 def tiny_calibration(model, tmp_path, batch_size=2, **options):
-    return calibrate(model, batch_size, grid=[1, 16, 64], rounds=1, kinds=TINY_KINDS, cache_dir=tmp_path, **options)
+    options = {"rounds": 1, **options}
+    return calibrate(model, batch_size, grid=[1, 16, 64], kinds=TINY_KINDS, cache_dir=tmp_path, **options)
 
 
 def test_calibration_times_every_part_and_predicts(tmp_path, images, one_thread):
@@ -127,11 +158,21 @@ def test_calibration_times_every_part_and_predicts(tmp_path, images, one_thread)
     assert set(table.block) == {"none", "prop", "mask"} and set(table.probs_extra) == {"none"}
     assert set(table.reduce) == {"tome", "ppt/pool", "ppt/prune", "ppt/mixed", "sait-mass"}
     assert all(value > 0 for series in table.block.values() for value in series)
+    assert table.meta["grid_rounds"] == 1 and len(table.reduce_excess) == 2
+    assert LatencyTable.load(next(tmp_path.glob("*.json"))) == table  # the excess is kept with the table
     for cfg in (None, PruneConfig(reducer="tome", r=3), PruneConfig(reducer="ppt", layers=(1, 2), r=8)):
         assert 0 < predict_throughput(model, cfg, table) < float("inf")
     assert predict_throughput(model, PruneConfig(reducer="sait", layers=(1,), mass_threshold=0.6), table,
                               images=images) > 0
     assert type(model).__name__ == "VisionTransformer"  # left as it was
+
+
+def test_calibration_rounds_fill_the_time_target_within_bounds(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(measure, "ROUNDS_TARGET_SECONDS", 1e-9)
+    assert tiny_calibration(make_model(), tmp_path / "least", rounds=None).meta["grid_rounds"] == measure.ROUNDS_RANGE[0]
+    monkeypatch.setattr(measure, "ROUNDS_TARGET_SECONDS", 1e9)
+    monkeypatch.setattr(measure, "ROUNDS_RANGE", (1, 7))
+    assert tiny_calibration(make_model(), tmp_path / "most", rounds=None).meta["grid_rounds"] == 7
 
 
 def test_ppt_mixed_calibration_really_mixes():

@@ -262,6 +262,8 @@ DRIVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {tests!r})
     from test_search import *
+    from autoprune.latency import measure
+    measure.ROUNDS_TARGET_SECONDS = 0.0  # the fewest calibration rounds, as conftest's quick_calibration
     search({settings}, trials={trials}, study_name={study!r}, storage={storage!r})
 """)
 

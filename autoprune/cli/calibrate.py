@@ -13,7 +13,8 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "calibrate", help="time a model's parts on this device: the table throughput predictions read",
         description="Time a timm ViT's parts (blocks at a grid of token counts, with and without key bias, "
-                    "each reducer's own work, embedding and head) on this device, interleaved, and cache "
+                    "each reducer's own work, embedding and head) and whole forwards on this device, "
+                    "interleaved, and cache "
                     "the latency table under --out, one per batch size. predict_throughput and speed "
                     "budgets read it.")
     parser.add_argument("--model", default="deit_small_patch16_224", help="timm model name (default: %(default)s)")
@@ -25,7 +26,8 @@ def register(commands) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32 as is, bfloat16/float16 under autocast "
                         "(default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, median kept (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, help="timed rounds, median kept (default: as many as fit in "
+                                                   "about 30 s, 5 to 60)")
     parser.add_argument("--grid", help="token counts to time, comma-separated; all patches are always timed "
                                        "(default: 10 from 1 to all patches)")
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

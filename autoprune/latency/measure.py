@@ -3,6 +3,12 @@
 Every part is timed once per round, parts in a fresh seeded order, after an untimed warm-up round;
 the median round is kept, so a machine that slows down for a while slows every part alike.
 Weights and images are random: fixed-schedule work does not depend on them.
+
+Parts timed one at a time miss what a whole forward adds (on a CPU, sub-millisecond parts run
+slower among other code, and a reducer's first run in a forward slower than its next). So the
+rounds also time whole forwards, the dense model and one probe per reducer, and the table keeps
+what a forward costs beyond its parts: the dense model's excess, and a line through the probes'
+further excess: a cost per reduced forward plus one per reducing block.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ from filelock import FileLock
 from torch import nn
 
 from ..config import PruneConfig
-from ..patch import TokenReducer, apply, attention_half, embed, head, run_block
+from ..patch import TokenReducer, apply, attention_half, embed, head, reductions, run_block
 from ..reducers import NEEDS_PROBS, Tokens
+from .predict import predict_seconds
 from .table import (BIAS_VARIANTS, DEFAULT_CACHE, PPT_BRANCHES, LatencyTable, reduce_kind, table_identity,
                     table_path)
 
@@ -40,6 +47,10 @@ DEFAULT_KINDS = (
 MERGE_RATIOS = (0.55, 0.75, 0.95)  # tokens out / tokens in: tome and ppt remove at most half
 KEEP_RATIOS = (0.3, 0.6, 0.9)
 _UNMIXED_TAU = {"pool": 1e30, "prune": 0.0, "mixed": 1e-20}  # images with identical tokens pool at 1e-20
+# rounds when not given: as many as fit in about this long, within these bounds (a sub-millisecond
+# part's median needs tens of rounds on a shared CPU; a DeiT-S table at batch 32 takes a minute a round)
+ROUNDS_TARGET_SECONDS = 30.0
+ROUNDS_RANGE = (5, 60)
 # CUDA: parts faster than this are repeated within one sample, so a synchronisation does not
 # dwarf kernels that a real forward queues back to back. CPU: every part runs once per sample,
 # between other parts, so its caches are as cold as in a real forward (repeating it warms them).
@@ -59,7 +70,7 @@ def calibrate(
     dtype: torch.dtype | None = None,
     *,
     grid: Iterable[int] | None = None,
-    rounds: int = 5,
+    rounds: int | None = None,
     kinds: Iterable[PruneConfig] = DEFAULT_KINDS,
     cache_dir=DEFAULT_CACHE,
     refresh: bool = False,
@@ -71,7 +82,8 @@ def calibrate(
     run under autocast, as `autoprune bench` does. A table already cached for the same model,
     device, batch size, dtype and versions is returned without timing unless `refresh`; `kinds`
     are configs whose reducers to time (their amounts are varied; their layers are ignored);
-    `grid` the token counts to time (all patches are always among them)."""
+    `grid` the token counts to time (all patches are always among them); `rounds` timed rounds
+    (default: as many as fit in about ROUNDS_TARGET_SECONDS, within ROUNDS_RANGE)."""
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kinds = {reduce_kind(cfg): cfg for cfg in kinds}
@@ -97,7 +109,7 @@ def calibrate(
 
 
 def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, progress) -> LatencyTable:
-    if batch_size < 1 or rounds < 1:
+    if batch_size < 1 or (rounds is not None and rounds < 1):
         raise ValueError(f"calibrate: batch_size {batch_size} and rounds {rounds} must be positive")
     patches, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
     grid = sorted(set(grid)) if grid is not None else default_grid(patches)
@@ -108,26 +120,31 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     timer = _Timer(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     started = time.perf_counter()
+    groups: list[int | str] = [*grid, "forwards"]
+    round_index = -1
     with torch.inference_mode(), autocast:
-        for round_index in range(-1, rounds):  # round -1 warms up and sizes the repeats
+        while rounds is None or round_index < rounds:  # round -1 warms up and sizes the repeats
             # a fresh seeded order every round: a sub-millisecond part runs slower right after
             # unrelated code (the CPU's caches of code and branches are cold), so each part must
             # follow different parts from round to round, or its median carries one neighbour's cost
-            order = random.Random(round_index).sample(grid, len(grid))
             timer.time(("embed",), parts.embed, record=round_index >= 0)
-            for n in order:
-                items = parts.items(n, seed=n)
+            for n in random.Random(round_index).sample(groups, len(groups)):
+                items = parts.forwards() if n == "forwards" else parts.items(n, seed=n)
                 for key, run in random.Random(f"{round_index}/{n}").sample(items, len(items)):
                     timer.time(key, run, record=round_index >= 0)
+            elapsed = time.perf_counter() - started
+            if rounds is None:
+                low, high = ROUNDS_RANGE
+                rounds = min(max(math.ceil(ROUNDS_TARGET_SECONDS / elapsed), low), high)
+            round_index += 1
             if progress:
-                elapsed = time.perf_counter() - started
-                done = round_index + 2
-                label = "warm-up" if round_index < 0 else f"round {round_index + 1}/{rounds}"
-                progress(f"  {label} done, {elapsed:.0f} s, about {elapsed / done * (rounds + 1 - done):.0f} s left")
+                label = "warm-up" if round_index == 0 else f"round {round_index}/{rounds}"
+                progress(f"  {label} done, {elapsed:.0f} s, about {elapsed / (round_index + 1) * (rounds - round_index):.0f} s left")
     seconds = timer.medians()
     meta = {**identity, "grid_rounds": rounds, "calibration_seconds": round(time.perf_counter() - started, 1),
             "kinds": {kind: cfg.to_dict() for kind, cfg in kinds.items()}}
-    return _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
+    table = _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
+    return _with_forward_excess(table, seconds, parts)
 
 
 class _Timer:
@@ -170,6 +187,14 @@ class _Parts:
         self.images = torch.randn(batch_size, embed_layer.proj.in_channels, *embed_layer.img_size, device=device)
         self.outputs: dict[tuple, tuple[int, bool]] = {}  # reduce part -> (tokens out, nothing done)
         self.needs_probs = {_bias_variant(cfg) for cfg in kinds.values() if cfg.score in NEEDS_PROBS}
+        # whole forwards, each model with its own weights as a served model has
+        self.dense = copy.deepcopy(model)
+        self.probes = {kind: (cfg, apply(copy.deepcopy(model), cfg)) for kind, cfg in _probes(kinds, model).items()}
+
+    def forwards(self) -> list[tuple[tuple, Callable[[], object]]]:
+        items: list[tuple[tuple, Callable[[], object]]] = [(("forward", "dense"), lambda: self.dense(self.images))]
+        items.extend((("forward", kind), lambda m=probe: m(self.images)) for kind, (_, probe) in self.probes.items())
+        return items
 
     def embed(self) -> None:
         embed(self.model, self.images)
@@ -248,6 +273,39 @@ def _attention_stack(blocks, tokens: Tokens, prop_attn: bool) -> None:
     """Every block's attention half in turn, chained as `_stack` chains whole blocks."""
     for block in blocks:
         tokens = attention_half(block, tokens, tokens.attn_bias(prop_attn), False)[0]
+
+
+def _probes(kinds: dict[str, PruneConfig], model: nn.Module) -> dict[str, PruneConfig]:
+    """One probe forward per reducer, at the middle block or, every other reducer, at every block
+    but the first (sait: the middle block), each layer taking a share of the tokens that halves
+    them over all blocks but the first. Both block counts are covered for the fit; a forward of
+    DeiT-S at batch 32 takes seconds, so one probe each keeps calibration within minutes."""
+    depth, patches = len(model.blocks), model.patch_embed.num_patches
+    probes = {}
+    for index, (kind, cfg) in enumerate(kinds.items()):
+        amount = _amount(cfg, patches, 0.5 ** (1 / max(depth - 1, 1)), None)
+        every = index % 2 == 1 and cfg.reducer != "sait" and depth > 1
+        probes[kind] = dataclasses.replace(amount, layers=tuple(range(1, depth)) if every else (depth // 2,))
+    return probes
+
+
+def _with_forward_excess(table: LatencyTable, seconds: dict[tuple, float], parts: _Parts) -> LatencyTable:
+    """`table` with what whole forwards cost beyond its parts: the dense model's excess, and the
+    probes' further excess fitted as a cost per reduced forward plus one per reducing block.
+    (`table` has no excess yet, so its predictions are the sums of its parts.)"""
+    dense_excess = seconds[("forward", "dense")] - predict_seconds(table, None)
+    # one line through every reducer's probe: a term per reducer would fit each probe's noise
+    # (DeiT-S at batch 1: +-5 ms a forward from 10 rounds, where the effect is a fraction of a ms)
+    points = []
+    for kind, (cfg, probe) in parts.probes.items():
+        found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
+        points.append((len(cfg.layers), seconds[("forward", kind)] - predict_seconds(table, cfg, found) - dense_excess))
+    mean_blocks = statistics.mean(n for n, _ in points)
+    mean_excess = statistics.mean(e for _, e in points)
+    spread = sum((n - mean_blocks) ** 2 for n, _ in points)
+    per_block = sum((n - mean_blocks) * (e - mean_excess) for n, e in points) / spread if spread else 0.0
+    return dataclasses.replace(table, forward_excess=dense_excess,
+                               reduce_excess=(mean_excess - per_block * mean_blocks, per_block))
 
 
 def _bias_variant(cfg: PruneConfig) -> str:

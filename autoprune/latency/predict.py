@@ -50,8 +50,13 @@ def predict_throughput(model: nn.Module, cfg: PruneConfig | None, table: Latency
 
 def predict_seconds(table: LatencyTable, cfg: PruneConfig | None,
                     found: list[Reduction] | None = None) -> float:
-    """Seconds per batch; `found` (from `patch.reductions` on calibration images) gives the
+    """Seconds per batch: the table's parts along the config's token schedule, plus what a whole
+    forward costs beyond them; `found` (from `patch.reductions` on calibration images) gives the
     per-image token counts of mass-based sait and the branches ppt took."""
+    return _parts_seconds(table, cfg, found) + table.excess_seconds(cfg)
+
+
+def _parts_seconds(table: LatencyTable, cfg: PruneConfig | None, found: list[Reduction] | None) -> float:
     if cfg is None or cfg.reducer == "none":
         return _seconds(table, None, block_token_counts(None, table.depth, table.patches), {})
     layers = cfg.resolved_layers(table.depth)

@@ -70,6 +70,9 @@ class LatencyTable:
     reduce[kind][i]:       [(tokens out / tokens in, seconds)] for the reducer at grid[i] tokens, with
                            the key bias its output needs (blocks that follow reuse it)
     embed, head[i]:        patch embedding; final norm, pooling and classifier
+    forward_excess:        what the dense model's whole forward costs beyond the sum of its parts
+    reduce_excess:         (per forward, per reducing block): what a reduced forward costs beyond
+                           its parts and forward_excess (see `measure`)
     """
 
     meta: dict[str, Any]
@@ -84,6 +87,8 @@ class LatencyTable:
     attention: dict[str, list[float]]
     probs_extra: dict[str, list[float]]
     reduce: dict[str, list[list[tuple[float, float]]]]
+    forward_excess: float = 0.0
+    reduce_excess: tuple[float, float] = (0.0, 0.0)
     _curves: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- lookups ----------------------------------------------------------------------------------
@@ -129,6 +134,13 @@ class LatencyTable:
         i = min(max(bisect.bisect_left(grid, n), 1), len(grid) - 1)  # read the rows at grid[i - 1], grid[i]
         return _interpolate(grid[i - 1:i + 1], [_interpolate(*rows[j], ratio) for j in (i - 1, i)], n)
 
+    def excess_seconds(self, cfg: PruneConfig | None) -> float:
+        """What a whole forward of `cfg` costs beyond its parts."""
+        if cfg is None or cfg.reducer == "none":
+            return self.forward_excess
+        once, per_block = self.reduce_excess
+        return self.forward_excess + once + per_block * len(cfg.resolved_layers(self.depth))
+
     def _series(self, table: dict[str, list[float]], variant: str, what: str) -> list[float]:
         if variant not in table:
             raise LatencyError(f"the latency table has no {what} timings with key bias {variant!r}")
@@ -146,6 +158,7 @@ class LatencyTable:
         data = dict(data)
         data["reduce"] = {kind: [[(float(r), float(s)) for r, s in row] for row in rows]
                           for kind, rows in data["reduce"].items()}
+        data["reduce_excess"] = tuple(float(value) for value in data["reduce_excess"])
         return cls(**data)
 
     def save(self, path: Path) -> None:
@@ -186,8 +199,9 @@ def _cpu_name() -> str:
 
 
 # how parts are timed (3: blocks chained as in a forward, parts in a seeded random order each
-# round); a cached table of another method is measured again
-METHOD = 3
+# round; 4: whole forwards too, for the excess over the parts); a cached table of another method
+# is measured again
+METHOD = 4
 
 
 def table_identity(model: nn.Module, batch_size: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
