@@ -97,7 +97,7 @@ def test_a_whole_forward_costs_its_parts_plus_the_excess_calibrated_for_it():
 
 def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thread):
     """Forwards built to cost their parts + 0.3 s (dense) and + 0.02 s a reduced forward + 0.01 s a
-    reducing block beyond that: the fit recovers the three figures."""
+    reducing block beyond that: the fit recovers the three figures when the rounds resolve them."""
     model = make_model()
     table = dataclasses.replace(tiny_calibration(model, tmp_path), forward_excess=0.0, reduce_excess=(0.0, 0.0))
     parts = measure._Parts(apply(model, None), 2, torch.device("cpu"), {measure.reduce_kind(k): k for k in TINY_KINDS})
@@ -108,9 +108,17 @@ def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thre
     for kind, (cfg, probe) in parts.probes.items():
         found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
         seconds[("forward", kind)] = predict_seconds(table, cfg, found) + 0.3 + 0.02 + 0.01 * len(cfg.layers)
-    fitted = measure._with_forward_excess(table, seconds, parts)
+    steady = {key: [value] * 5 for key, value in seconds.items()}  # rounds that agree resolve any excess
+    fitted = measure._with_forward_excess(table, steady, parts)
     assert fitted.forward_excess == pytest.approx(0.3)
     assert fitted.reduce_excess == pytest.approx((0.02, 0.01))
+    # rounds spread by +-1 s resolve the 0.3 s dense excess no more than the smaller terms: none is kept
+    noisy = {key: [value - 1, value, value + 1] for key, value in seconds.items()}
+    unresolved = measure._with_forward_excess(table, noisy, parts)
+    assert unresolved.forward_excess == 0.0 and unresolved.reduce_excess == (0.0, 0.0)
+    # the dense excess resolved, the probes' not: the dense one alone is kept
+    noisy[("forward", "dense")] = [seconds[("forward", "dense")]] * 3
+    assert measure._with_forward_excess(table, noisy, parts).forward_excess == pytest.approx(0.3)
 
 
 def test_predict_throughput_checks_its_inputs():

@@ -144,7 +144,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     meta = {**identity, "grid_rounds": rounds, "calibration_seconds": round(time.perf_counter() - started, 1),
             "kinds": {kind: cfg.to_dict() for kind, cfg in kinds.items()}}
     table = _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
-    return _with_forward_excess(table, seconds, parts)
+    return _with_forward_excess(table, timer.samples, parts)
 
 
 class _Timer:
@@ -289,23 +289,50 @@ def _probes(kinds: dict[str, PruneConfig], model: nn.Module) -> dict[str, PruneC
     return probes
 
 
-def _with_forward_excess(table: LatencyTable, seconds: dict[tuple, float], parts: _Parts) -> LatencyTable:
+def _with_forward_excess(table: LatencyTable, samples: dict[tuple, list[float]], parts: _Parts) -> LatencyTable:
     """`table` with what whole forwards cost beyond its parts: the dense model's excess, and the
-    probes' further excess fitted as a cost per reduced forward plus one per reducing block.
+    probes' further excess fitted as a cost per reduced forward plus one per reducing block. A
+    term the rounds do not resolve (within RESOLVED standard errors of zero) is left out: DeiT-S at
+    batch 32 over 5 rounds fitted -200 ms a reduced forward where the effect is a few ms.
     (`table` has no excess yet, so its predictions are the sums of its parts.)"""
-    dense_excess = seconds[("forward", "dense")] - predict_seconds(table, None)
+    dense = samples[("forward", "dense")]
+    dense_excess = _resolved(statistics.median(dense) - predict_seconds(table, None), _median_error(dense))
     # one line through every reducer's probe: a term per reducer would fit each probe's noise
     # (DeiT-S at batch 1: +-5 ms a forward from 10 rounds, where the effect is a fraction of a ms)
-    points = []
+    blocks, excess, errors = [], [], []
     for kind, (cfg, probe) in parts.probes.items():
         found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
-        points.append((len(cfg.layers), seconds[("forward", kind)] - predict_seconds(table, cfg, found) - dense_excess))
-    mean_blocks = statistics.mean(n for n, _ in points)
-    mean_excess = statistics.mean(e for _, e in points)
-    spread = sum((n - mean_blocks) ** 2 for n, _ in points)
-    per_block = sum((n - mean_blocks) * (e - mean_excess) for n, e in points) / spread if spread else 0.0
-    return dataclasses.replace(table, forward_excess=dense_excess,
-                               reduce_excess=(mean_excess - per_block * mean_blocks, per_block))
+        times = samples[("forward", kind)]
+        blocks.append(len(cfg.layers))
+        excess.append(statistics.median(times) - predict_seconds(table, cfg, found) - dense_excess)
+        errors.append(_median_error(times))
+    count, mean_blocks, mean_excess = len(blocks), statistics.mean(blocks), statistics.mean(excess)
+    mean_error = math.sqrt(sum(e * e for e in errors)) / count
+    spread = sum((n - mean_blocks) ** 2 for n in blocks)
+    per_block = 0.0
+    if spread:
+        slope = sum((n - mean_blocks) * (e - mean_excess) for n, e in zip(blocks, excess)) / spread
+        slope_error = math.sqrt(sum((n - mean_blocks) ** 2 * e * e for n, e in zip(blocks, errors))) / spread
+        per_block = _resolved(slope, slope_error)
+        if per_block:
+            mean_error = math.hypot(mean_error, mean_blocks * slope_error)
+    once = _resolved(mean_excess - per_block * mean_blocks, mean_error)
+    return dataclasses.replace(table, forward_excess=dense_excess, reduce_excess=(once, per_block))
+
+
+RESOLVED = 2.0  # standard errors
+
+
+def _resolved(value: float, error: float) -> float:
+    return value if abs(value) > RESOLVED * error else 0.0
+
+
+def _median_error(samples: list[float]) -> float:
+    """The standard error of the samples' median: 1.25 sigma / sqrt(n), sigma from the median
+    absolute deviation (a slow round does not widen it)."""
+    center = statistics.median(samples)
+    sigma = 1.4826 * statistics.median(abs(value - center) for value in samples)
+    return 1.2533 * sigma / math.sqrt(len(samples))
 
 
 def _bias_variant(cfg: PruneConfig) -> str:
