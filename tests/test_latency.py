@@ -108,17 +108,26 @@ def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thre
     for kind, (cfg, probe) in parts.probes.items():
         found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
         seconds[("forward", kind)] = predict_seconds(table, cfg, found) + 0.3 + 0.02 + 0.01 * len(cfg.layers)
+    def same_parts(_: dict) -> LatencyTable:  # every round's parts as the table's
+        return table
+
     steady = {key: [value] * 5 for key, value in seconds.items()}  # rounds that agree resolve any excess
-    fitted = measure._with_forward_excess(table, steady, parts)
+    fitted = measure._with_forward_excess(table, same_parts, steady, parts)
     assert fitted.forward_excess == pytest.approx(0.3)
     assert fitted.reduce_excess == pytest.approx((0.02, 0.01))
     # rounds spread by +-1 s resolve the 0.3 s dense excess no more than the smaller terms: none is kept
     noisy = {key: [value - 1, value, value + 1] for key, value in seconds.items()}
-    unresolved = measure._with_forward_excess(table, noisy, parts)
+    unresolved = measure._with_forward_excess(table, same_parts, noisy, parts)
     assert unresolved.forward_excess == 0.0 and unresolved.reduce_excess == (0.0, 0.0)
     # the dense excess resolved, the probes' not: the dense one alone is kept
     noisy[("forward", "dense")] = [seconds[("forward", "dense")]] * 3
-    assert measure._with_forward_excess(table, noisy, parts).forward_excess == pytest.approx(0.3)
+    assert measure._with_forward_excess(table, same_parts, noisy, parts).forward_excess == pytest.approx(0.3)
+    # forwards that drift with their round's parts: the same excess every round, kept
+    slow = dataclasses.replace(table, embed=table.embed + 1.0)
+    drifting = {key: [value, value + 1.0, value] for key, value in seconds.items()}
+    by_round = iter([table, slow, table] * 10)
+    drifted = measure._with_forward_excess(table, lambda _: next(by_round), drifting, parts)
+    assert drifted.forward_excess == pytest.approx(0.3) and drifted.reduce_excess == pytest.approx((0.02, 0.01))
 
 
 def test_predict_throughput_checks_its_inputs():

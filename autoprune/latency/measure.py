@@ -143,8 +143,10 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     seconds = timer.medians()
     meta = {**identity, "grid_rounds": rounds, "calibration_seconds": round(time.perf_counter() - started, 1),
             "kinds": {kind: cfg.to_dict() for kind, cfg in kinds.items()}}
-    table = _table(seconds, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
-    return _with_forward_excess(table, timer.samples, parts)
+    def build(times: dict[tuple, float]) -> LatencyTable:
+        return _table(times, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
+
+    return _with_forward_excess(build(seconds), build, timer.samples, parts)
 
 
 class _Timer:
@@ -289,23 +291,33 @@ def _probes(kinds: dict[str, PruneConfig], model: nn.Module) -> dict[str, PruneC
     return probes
 
 
-def _with_forward_excess(table: LatencyTable, samples: dict[tuple, list[float]], parts: _Parts) -> LatencyTable:
+def _with_forward_excess(table: LatencyTable, build: Callable[[dict[tuple, float]], LatencyTable],
+                         samples: dict[tuple, list[float]], parts: _Parts) -> LatencyTable:
     """`table` with what whole forwards cost beyond its parts: the dense model's excess, and the
-    probes' further excess fitted as a cost per reduced forward plus one per reducing block. A
-    term the rounds do not resolve (within RESOLVED standard errors of zero) is left out: DeiT-S at
-    batch 32 over 5 rounds fitted -200 ms a reduced forward where the effect is a few ms.
-    (`table` has no excess yet, so its predictions are the sums of its parts.)"""
-    dense = samples[("forward", "dense")]
-    dense_excess = _resolved(statistics.median(dense) - predict_seconds(table, None), _median_error(dense))
+    probes' further excess fitted as a cost per reduced forward plus one per reducing block.
+
+    Each excess is taken round by round (a forward against the table `build` makes of the same
+    round's parts), so a machine whose speed drifts within a round widens its spread; a term within
+    RESOLVED standard errors of zero is left out as noise of the rounds (DeiT-S at batch 32 over 5
+    rounds otherwise fitted -157 ms for the dense forward and +256 ms a reduced forward, where the
+    effect is a few ms). The tables have no excess yet: their predictions are sums of parts."""
+    rounds = [build({key: values[r] for key, values in samples.items()})
+              for r in range(len(samples[("forward", "dense")]))]
+
+    def excess_by_round(key: tuple, cfg: PruneConfig | None, found=None) -> list[float]:
+        return [seconds - predict_seconds(parts_table, cfg, found) for seconds, parts_table in zip(samples[key], rounds)]
+
+    dense = excess_by_round(("forward", "dense"), None)
+    dense_excess = _resolved(statistics.median(dense), _median_error(dense))
     # one line through every reducer's probe: a term per reducer would fit each probe's noise
     # (DeiT-S at batch 1: +-5 ms a forward from 10 rounds, where the effect is a fraction of a ms)
     blocks, excess, errors = [], [], []
     for kind, (cfg, probe) in parts.probes.items():
         found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
-        times = samples[("forward", kind)]
+        probe_excess = excess_by_round(("forward", kind), cfg, found)
         blocks.append(len(cfg.layers))
-        excess.append(statistics.median(times) - predict_seconds(table, cfg, found) - dense_excess)
-        errors.append(_median_error(times))
+        excess.append(statistics.median(probe_excess) - dense_excess)
+        errors.append(_median_error(probe_excess))
     count, mean_blocks, mean_excess = len(blocks), statistics.mean(blocks), statistics.mean(excess)
     mean_error = math.sqrt(sum(e * e for e in errors)) / count
     spread = sum((n - mean_blocks) ** 2 for n in blocks)
