@@ -192,6 +192,15 @@ def test_calibration_rounds_fill_the_time_target_within_bounds(tmp_path, monkeyp
     assert tiny_calibration(make_model(), tmp_path / "most", rounds=None).meta["grid_rounds"] == 7
 
 
+def test_the_excess_is_kept_only_where_fixed_costs_dominate_a_block(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(measure, "OVERHEAD_BOUND", 1e9)  # no block is that overhead-bound
+    table = tiny_calibration(make_model(), tmp_path / "compute")
+    assert table.forward_excess == 0.0 and table.reduce_excess == (0.0, 0.0)
+    monkeypatch.setattr(measure, "OVERHEAD_BOUND", 0.0)  # every block is: one round resolves any
+    # difference (no spread), and a forward never takes exactly the sum of its parts
+    assert tiny_calibration(make_model(), tmp_path / "overhead").forward_excess != 0.0
+
+
 def test_ppt_mixed_calibration_really_mixes():
     """Half the calibration images repeat one token: flat scores, so ppt pools them and prunes the rest."""
     model = make_model()
