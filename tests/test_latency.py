@@ -8,7 +8,7 @@ import torch
 
 from autoprune import ConfigError, PruneConfig, apply, calibrate, predict_throughput
 from autoprune.latency import LatencyError, LatencyTable, predict_seconds, reduce_kind
-from autoprune.latency import measure, table as table_module
+from autoprune.latency import excess, measure, table as table_module
 from autoprune.patch import Reduction, TokenReducer, architecture, attention_half, reductions
 from conftest import make_model
 
@@ -112,21 +112,21 @@ def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thre
         return table
 
     steady = {key: [value] * 5 for key, value in seconds.items()}  # rounds that agree resolve any excess
-    fitted = measure._with_forward_excess(table, same_parts, steady, parts)
+    fitted = excess.with_forward_excess(table, same_parts, steady, parts.probes, parts.images)
     assert fitted.forward_excess == pytest.approx(0.3)
     assert fitted.reduce_excess == pytest.approx((0.02, 0.01))
     # rounds spread by +-1 s resolve the 0.3 s dense excess no more than the smaller terms: none is kept
     noisy = {key: [value - 1, value, value + 1] for key, value in seconds.items()}
-    unresolved = measure._with_forward_excess(table, same_parts, noisy, parts)
+    unresolved = excess.with_forward_excess(table, same_parts, noisy, parts.probes, parts.images)
     assert unresolved.forward_excess == 0.0 and unresolved.reduce_excess == (0.0, 0.0)
     # the dense excess resolved, the probes' not: the dense one alone is kept
     noisy[("forward", "dense")] = [seconds[("forward", "dense")]] * 3
-    assert measure._with_forward_excess(table, same_parts, noisy, parts).forward_excess == pytest.approx(0.3)
+    assert excess.with_forward_excess(table, same_parts, noisy, parts.probes, parts.images).forward_excess == pytest.approx(0.3)
     # forwards that drift with their round's parts: the same excess every round, kept
     slow = dataclasses.replace(table, embed=table.embed + 1.0)
     drifting = {key: [value, value + 1.0, value] for key, value in seconds.items()}
     by_round = iter([table, slow, table] * 10)
-    drifted = measure._with_forward_excess(table, lambda _: next(by_round), drifting, parts)
+    drifted = excess.with_forward_excess(table, lambda _: next(by_round), drifting, parts.probes, parts.images)
     assert drifted.forward_excess == pytest.approx(0.3) and drifted.reduce_excess == pytest.approx((0.02, 0.01))
 
 
@@ -193,10 +193,10 @@ def test_calibration_rounds_fill_the_time_target_within_bounds(tmp_path, monkeyp
 
 
 def test_the_excess_is_kept_only_where_fixed_costs_dominate_a_block(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setattr(measure, "OVERHEAD_BOUND", 1e9)  # no block is that overhead-bound
+    monkeypatch.setattr(excess, "OVERHEAD_BOUND", 1e9)  # no block is that overhead-bound
     table = tiny_calibration(make_model(), tmp_path / "compute")
     assert table.forward_excess == 0.0 and table.reduce_excess == (0.0, 0.0)
-    monkeypatch.setattr(measure, "OVERHEAD_BOUND", 0.0)  # every block is: one round resolves any
+    monkeypatch.setattr(excess, "OVERHEAD_BOUND", 0.0)  # every block is: one round resolves any
     # difference (no spread), and a forward never takes exactly the sum of its parts
     assert tiny_calibration(make_model(), tmp_path / "overhead").forward_excess != 0.0
 

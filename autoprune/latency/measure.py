@@ -28,9 +28,9 @@ from filelock import FileLock
 from torch import nn
 
 from ..config import PruneConfig
-from ..patch import TokenReducer, apply, attention_half, embed, head, reductions, run_block
+from ..patch import TokenReducer, apply, attention_half, embed, head, run_block
 from ..reducers import NEEDS_PROBS, Tokens
-from .predict import predict_seconds
+from .excess import overhead_bound, with_forward_excess
 from .table import (BIAS_VARIANTS, DEFAULT_CACHE, PPT_BRANCHES, LatencyTable, reduce_kind, table_identity,
                     table_path)
 
@@ -148,9 +148,9 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
         return _table(times, meta, batch_size, patches, prefix, len(model.blocks), grid, kinds, parts.outputs)
 
     table = build(seconds)
-    if not _overhead_bound(table):
+    if not overhead_bound(table):
         return table
-    return _with_forward_excess(table, build, timer.samples, parts)
+    return with_forward_excess(table, build, timer.samples, parts.probes, parts.images)
 
 
 class _Timer:
@@ -293,75 +293,6 @@ def _probes(kinds: dict[str, PruneConfig], model: nn.Module) -> dict[str, PruneC
         every = index % 2 == 1 and cfg.reducer != "sait" and depth > 1
         probes[kind] = dataclasses.replace(amount, layers=tuple(range(1, depth)) if every else (depth // 2,))
     return probes
-
-
-def _with_forward_excess(table: LatencyTable, build: Callable[[dict[tuple, float]], LatencyTable],
-                         samples: dict[tuple, list[float]], parts: _Parts) -> LatencyTable:
-    """`table` with what whole forwards cost beyond its parts: the dense model's excess, and the
-    probes' further excess fitted as a cost per reduced forward plus one per reducing block.
-
-    Each excess is taken round by round (a forward against the table `build` makes of the same
-    round's parts), so a machine whose speed drifts within a round widens its spread; a term within
-    RESOLVED standard errors of zero is left out as noise of the rounds (DeiT-S at batch 32 over 5
-    rounds otherwise fitted -157 ms for the dense forward and +256 ms a reduced forward, where the
-    effect is a few ms). The tables have no excess yet: their predictions are sums of parts."""
-    rounds = [build({key: values[r] for key, values in samples.items()})
-              for r in range(len(samples[("forward", "dense")]))]
-
-    def excess_by_round(key: tuple, cfg: PruneConfig | None, found=None) -> list[float]:
-        return [seconds - predict_seconds(parts_table, cfg, found) for seconds, parts_table in zip(samples[key], rounds)]
-
-    dense = excess_by_round(("forward", "dense"), None)
-    dense_excess = _resolved(statistics.median(dense), _median_error(dense))
-    # one line through every reducer's probe: a term per reducer would fit each probe's noise
-    # (DeiT-S at batch 1: +-5 ms a forward from 10 rounds, where the effect is a fraction of a ms)
-    blocks, excess, errors = [], [], []
-    for kind, (cfg, probe) in parts.probes.items():
-        found = reductions(probe, parts.images) if cfg.adaptive or cfg.reducer == "ppt" else None
-        probe_excess = excess_by_round(("forward", kind), cfg, found)
-        blocks.append(len(cfg.layers))
-        excess.append(statistics.median(probe_excess) - dense_excess)
-        errors.append(_median_error(probe_excess))
-    count, mean_blocks, mean_excess = len(blocks), statistics.mean(blocks), statistics.mean(excess)
-    mean_error = math.sqrt(sum(e * e for e in errors)) / count
-    spread = sum((n - mean_blocks) ** 2 for n in blocks)
-    per_block = 0.0
-    if spread:
-        slope = sum((n - mean_blocks) * (e - mean_excess) for n, e in zip(blocks, excess)) / spread
-        slope_error = math.sqrt(sum((n - mean_blocks) ** 2 * e * e for n, e in zip(blocks, errors))) / spread
-        per_block = _resolved(slope, slope_error)
-        if per_block:
-            mean_error = math.hypot(mean_error, mean_blocks * slope_error)
-    once = _resolved(mean_excess - per_block * mean_blocks, mean_error)
-    return dataclasses.replace(table, forward_excess=dense_excess, reduce_excess=(once, per_block))
-
-
-# A block at the fewest tokens costing at least this share of one at all tokens: fixed costs
-# dominate, and what a forward adds to its parts is fixed costs (the quickstart model at batch 1:
-# 0.59). Below it (DeiT-S: 0.22 at batch 1, 0.02 at batch 32) the probes' excess measured drift and
-# the grid's interpolation instead: DeiT-S at batch 32 kept +205 ms a reduced forward, and its
-# predicted speedups fell 10-18 % under the measured ones (benchmarks/latency_validation_cpu.md).
-OVERHEAD_BOUND = 1 / 3
-
-
-def _overhead_bound(table: LatencyTable) -> bool:
-    blocks = table.block["none"]
-    return blocks[0] >= OVERHEAD_BOUND * blocks[-1]
-
-
-RESOLVED = 2.0  # standard errors
-
-
-def _resolved(value: float, error: float) -> float:
-    return value if abs(value) > RESOLVED * error else 0.0
-
-
-def _median_error(samples: list[float]) -> float:
-    """The standard error of the samples' median: 1.25 sigma / sqrt(n), sigma from the median
-    absolute deviation (a slow round does not widen it)."""
-    center = statistics.median(samples)
-    sigma = 1.4826 * statistics.median(abs(value - center) for value in samples)
-    return 1.2533 * sigma / math.sqrt(len(samples))
 
 
 def _bias_variant(cfg: PruneConfig) -> str:
