@@ -115,6 +115,8 @@ def test_the_excess_is_fitted_from_the_probe_forwards(tmp_path, images, one_thre
     fitted = excess.with_forward_excess(table, same_parts, steady, parts.probes, parts.images)
     assert fitted.forward_excess == pytest.approx(0.3)
     assert fitted.reduce_excess == pytest.approx((0.02, 0.01))
+    dense_only = excess.with_forward_excess(table, same_parts, steady, {}, parts.images)  # no reducer timed
+    assert dense_only.forward_excess == pytest.approx(0.3) and dense_only.reduce_excess == (0.0, 0.0)
     # rounds spread by +-1 s resolve the 0.3 s dense excess no more than the smaller terms: none is kept
     noisy = {key: [value - 1, value, value + 1] for key, value in seconds.items()}
     unresolved = excess.with_forward_excess(table, same_parts, noisy, parts.probes, parts.images)

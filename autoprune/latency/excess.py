@@ -78,6 +78,8 @@ def with_forward_excess(table: LatencyTable, build: Callable[[dict[tuple, float]
         blocks.append(len(cfg.layers))
         excess.append(statistics.median(probe_excess) - dense_excess)
         errors.append(_median_error(probe_excess))
+    if not blocks:  # no reducer timed
+        return dataclasses.replace(table, forward_excess=dense_excess)
     count, mean_blocks, mean_excess = len(blocks), statistics.mean(blocks), statistics.mean(excess)
     mean_error = math.sqrt(sum(e * e for e in errors)) / count
     spread = sum((n - mean_blocks) ** 2 for n in blocks)
