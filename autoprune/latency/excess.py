@@ -28,10 +28,10 @@ from .table import LatencyTable
 OVERHEAD_BOUND = 1 / 3
 
 
-def overhead_bound(table: LatencyTable) -> bool:
-    """Whether fixed costs dominate a block of `table` (see OVERHEAD_BOUND)."""
-    blocks = table.block["none"]
-    return blocks[0] >= OVERHEAD_BOUND * blocks[-1]
+def overhead_bound(fewest_tokens: float, all_tokens: float) -> bool:
+    """Whether fixed costs dominate a block costing these seconds at the fewest and at all tokens
+    (see OVERHEAD_BOUND)."""
+    return fewest_tokens >= OVERHEAD_BOUND * all_tokens
 
 
 RESOLVED = 2.0  # standard errors
