@@ -356,7 +356,8 @@ SCREENING = "tiny_settings(screen=120, screen_images=32)"
 def test_kill_9_while_screening_then_resume_redoes_no_screen(workdir):
     def screening(opened):
         screen = optuna.load_study(study_name="killed:screen", storage=opened)
-        done = {t.number: t.values for t in screen.trials if t.user_attrs.get(OUTCOME) == "complete"}
+        # told, not only with its outcome written: the values come with the state
+        done = {t.number: t.values for t in screen.trials if t.state == optuna.trial.TrialState.COMPLETE}
         return done if len(done) >= 8 else None
 
     screened_before = kill_9_when(workdir, SCREENING, 9, screening)

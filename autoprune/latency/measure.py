@@ -56,6 +56,7 @@ ROUNDS_RANGE = (5, 60)
 # dwarf kernels that a real forward queues back to back. CPU: every part runs once per sample,
 # between other parts, so its caches are as cold as in a real forward (repeating it warms them).
 CUDA_MIN_SAMPLE_SECONDS = 2e-3
+DECISION_SAMPLES = 3  # runs of the block stack deciding whether whole forwards are timed
 
 
 def default_grid(patches: int) -> list[int]:
@@ -140,8 +141,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
                     rounds = min(max(math.ceil(ROUNDS_TARGET_SECONDS / elapsed), low), high)
                 # whole forwards only where the table will keep their excess (a DeiT-S table at
                 # batch 32 would spend a third of its time on forwards it then ignores)
-                blocks = [timer.last[("block", "none", n)] for n in (grid[0], grid[-1])]
-                if not overhead_bound(*blocks):
+                if not overhead_bound(*_block_stack_seconds(parts, grid[0], grid[-1])):
                     groups.remove("forwards")
             round_index += 1
             if progress:
@@ -159,6 +159,19 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     return with_forward_excess(table, build, timer.samples, parts.probes, parts.images)
 
 
+def _block_stack_seconds(parts: "_Parts", fewest: int, every: int) -> tuple[float, float]:
+    """The block stack's seconds at `fewest` and at `every` token, medians of DECISION_SAMPLES
+    interleaved runs after the warm-up: the warm-up's own sample is the first at each shape, and
+    one slow sample could flip the decision for a model near OVERHEAD_BOUND."""
+    runs = {n: dict(parts.items(n, seed=n))[("block", "none", n)] for n in (fewest, every)}
+    timer = _Timer(parts.device)
+    for _ in range(DECISION_SAMPLES):
+        for n, run in runs.items():
+            timer.time(n, run)
+    seconds = timer.medians()
+    return seconds[fewest], seconds[every]
+
+
 class _Timer:
     """Samples per part (on CUDA, a part too fast to time alone is repeated within a sample)."""
 
@@ -166,7 +179,6 @@ class _Timer:
         self.device = device
         self.repeat: dict[tuple, int] = {}
         self.samples: dict[tuple, list[float]] = {}
-        self.last: dict[tuple, float] = {}  # the latest sample, recorded or not (the warm-up's)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -182,7 +194,6 @@ class _Timer:
         elapsed = (time.perf_counter() - start) / repeat
         if key not in self.repeat and self.device.type == "cuda":
             self.repeat[key] = max(1, math.ceil(CUDA_MIN_SAMPLE_SECONDS / max(elapsed, 1e-7)))
-        self.last[key] = elapsed
         if record:
             self.samples.setdefault(key, []).append(elapsed)
 
