@@ -729,3 +729,15 @@ def test_a_failed_front_re_timing_leaves_the_study_and_its_front_as_they_were(tm
     assert retime_front(study, broken, 32, lines.append) is None
     assert FRONT_TIMING_ATTR not in study.user_attrs and len(study.trials) == 1
     assert "checkpoint gone" in lines[0] and "re-timing the front failed (RuntimeError: out of memory)" in lines[1]
+
+
+def test_the_printed_front_warns_when_dense_re_times_far_from_the_table():
+    from autoprune.search.summary import format_front
+
+    trial = optuna.trial.create_trial(values=[90.0, 1500.0], user_attrs={
+        "prune_config": {"reducer": "evit", "layers": [1], "keep_rate": 0.6}, "flops": 1e8, "throughput": 1400.0})
+    dense = {"val": {"top1": 91.0}, "flops": 2e8, "throughput": 950.0, "predicted_throughput": 1000.0, "serve_batch": 1}
+    near = FrontTiming(15, 1, 880.0, {0: 1300.0})   # 12 % under the prediction: within what load moves
+    assert "note:" not in format_front([trial], dense, near)
+    far = FrontTiming(15, 1, 1250.0, {0: 1800.0})   # 25 % over: the table was made under other load
+    assert "note: the dense model re-timed at 1250 img/s, +25% from the latency table's 1000" in format_front([trial], dense, far)

@@ -184,9 +184,11 @@ def throughput_note(ctx: Context) -> str:
                  "for this model and device (deterministic, so the front is not ranked by timing noise); ")
     timing = ctx.front_timing
     if timing is not None:
+        note = timing.machine_note(ctx.dense_throughput) if ctx.dense_throughput else None
         return predicted + (f"measured img/s and speedup come from re-timing the front against the dense model at the "
                             f"end of the search (median of {timing.rounds} interleaved rounds at batch "
-                            f"{timing.batch_size}), and the prediction error is measured speedup / predicted speedup - 1.")
+                            f"{timing.batch_size}), and the prediction error is measured speedup / predicted speedup - 1."
+                            + (f" Note: {note}." if note else ""))
     return predicted + ("measured img/s is the trial's own interleaved timing, and the prediction error is "
                         "measured / predicted - 1.")
 

@@ -16,6 +16,10 @@ from ..study import pareto_front
 from ..study_attrs import FRONT_TIMING_ATTR
 
 FRONT_ROUNDS = 15  # as the latency validation: the median of 15 rounds is stable on a shared CPU
+# the dense model re-timed this far from the table's prediction: the machine is not as it was when
+# the table was made (a quiet machine predicts the dense model within 4 %; a DeiT-S table made while
+# the machine ran 26 % slower predicted speedups 10 % high: benchmarks/latency_validation_cpu.md)
+MACHINE_CHANGED = 0.15
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,16 @@ class FrontTiming:
     def speedup(self, number: int) -> float | None:
         rate = self.trials.get(number)
         return None if rate is None else rate / self.dense
+
+    def machine_note(self, predicted_dense: float) -> str | None:
+        """A warning when the dense model, re-timed, runs far from the table's prediction."""
+        change = self.dense / predicted_dense - 1
+        if abs(change) <= MACHINE_CHANGED:
+            return None
+        return (f"the dense model re-timed at {self.dense:.0f} img/s, {change:+.0%} from the latency table's "
+                f"{predicted_dense:.0f}: the machine's load has changed since the table was made, so measured and "
+                "predicted speedups can differ by several points; for a new study, calibrate again with the machine "
+                "as it will serve (autoprune calibrate --refresh)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "batch_size": self.batch_size, "dense": self.dense,

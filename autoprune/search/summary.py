@@ -40,6 +40,9 @@ def format_front(front: list[optuna.trial.FrozenTrial], dense: dict[str, Any], t
         lines.append(f"  img/s and speedup predicted at batch {dense.get('serve_batch')} from the latency table; measured: "
                      + (f"speedup over dense, median of {timing.rounds} interleaved rounds at batch {timing.batch_size}"
                         if timing else "each trial's own timing (img/s)"))
+        note = timing.machine_note(predicted_dense) if timing else None
+        if note:
+            lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 
