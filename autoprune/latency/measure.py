@@ -159,7 +159,7 @@ def _measure(model, identity, batch_size, device, dtype, grid, rounds, kinds, pr
     return with_forward_excess(table, build, timer.samples, parts.probes, parts.images)
 
 
-def _block_stack_seconds(parts: "_Parts", fewest: int, every: int) -> tuple[float, float]:
+def _block_stack_seconds(parts: _Parts, fewest: int, every: int) -> tuple[float, float]:
     """The block stack's seconds at `fewest` and at `every` token, medians of DECISION_SAMPLES
     interleaved runs after the warm-up: the warm-up's own sample is the first at each shape, and
     one slow sample could flip the decision for a model near OVERHEAD_BOUND."""
