@@ -17,8 +17,8 @@ from ..study_attrs import FRONT_TIMING_ATTR
 
 FRONT_ROUNDS = 15  # as the latency validation: the median of 15 rounds is stable on a shared CPU
 # the dense model re-timed this far from the table's prediction: the machine is not as it was when
-# the table was made (a quiet machine predicts the dense model within 4 %; a DeiT-S table made while
-# the machine ran 26 % slower predicted speedups 10 % high: benchmarks/latency_validation_cpu.md)
+# the table was made. Speedups often survive it (quickstart tables 16-18 % off kept them within 3-6 %),
+# not always (a DeiT-S table 26 % off predicted them 10 % high): benchmarks/latency_validation_cpu.md
 MACHINE_CHANGED = 0.15
 
 
@@ -41,9 +41,9 @@ class FrontTiming:
         if abs(change) <= MACHINE_CHANGED:
             return None
         return (f"the dense model re-timed at {self.dense:.0f} img/s, {change:+.0%} from the latency table's "
-                f"{predicted_dense:.0f}: the machine's load has changed since the table was made, so measured and "
-                "predicted speedups can differ by several points; for a new study, calibrate again with the machine "
-                "as it will serve (autoprune calibrate --refresh)")
+                f"{predicted_dense:.0f}: the machine's load differs from when the table was made; speedups, being "
+                "ratios, often still agree (the measured column shows whether they do), and where they do not, "
+                "calibrate again with the machine as it will serve before a new study (autoprune calibrate --refresh)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, "batch_size": self.batch_size, "dense": self.dense,
